@@ -1,0 +1,43 @@
+//! Outputs appear whole or not at all: everything is written under a temporary name next to
+//! the destination and renamed into place once complete.
+
+use anyhow::{Context, Result};
+use std::fs;
+use std::path::Path;
+
+/// Writes a directory atomically: `fill` populates a fresh temporary directory beside `dest`,
+/// which then replaces `dest` (an existing `dest` is replaced only after `fill` succeeded).
+pub fn write_dir(dest: &Path, fill: impl FnOnce(&Path) -> Result<()>) -> Result<()> {
+    let parent = match dest.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    };
+    fs::create_dir_all(parent).with_context(|| format!("cannot create {}", parent.display()))?;
+    let name = dest.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let tmp = tempfile::Builder::new()
+        .prefix(&format!(".{name}.partial-"))
+        .tempdir_in(parent)
+        .with_context(|| format!("cannot create a temporary directory in {}", parent.display()))?;
+    fill(tmp.path())?;
+    if dest.exists() {
+        fs::remove_dir_all(dest).with_context(|| format!("cannot replace {}", dest.display()))?;
+    }
+    let tmp_path = tmp.keep();
+    fs::rename(&tmp_path, dest).with_context(|| format!("cannot rename into {}", dest.display()))?;
+    Ok(())
+}
+
+/// Writes a file atomically (temporary file in the same directory, fsync, rename).
+pub fn write_file(dest: &Path, bytes: &[u8]) -> Result<()> {
+    use std::io::Write;
+    let parent = match dest.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    };
+    let mut tmp = tempfile::NamedTempFile::new_in(parent)
+        .with_context(|| format!("cannot create a temporary file in {}", parent.display()))?;
+    tmp.write_all(bytes)?;
+    tmp.as_file().sync_all()?;
+    tmp.persist(dest).with_context(|| format!("cannot rename into {}", dest.display()))?;
+    Ok(())
+}

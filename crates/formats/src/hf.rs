@@ -1,0 +1,191 @@
+//! Hugging Face model directories: `config.json`, `model.safetensors` or shards listed in
+//! `model.safetensors.index.json`, `tokenizer.json`. Reading is over mmap; writing produces
+//! what transformers loads, atomically.
+
+use crate::{atomic, Tensor, TensorSource};
+use anyhow::{anyhow, bail, Context, Result};
+use half::{bf16, f16};
+use safetensors::{Dtype, SafeTensors};
+use std::collections::{BTreeMap, HashMap};
+use std::fs::File;
+use std::path::{Path, PathBuf};
+
+const INDEX_FILE: &str = "model.safetensors.index.json";
+const SINGLE_FILE: &str = "model.safetensors";
+
+struct Entry {
+    file: usize,
+    dtype: Dtype,
+    shape: Vec<usize>,
+    /// Absolute byte range in the file.
+    range: (usize, usize),
+}
+
+pub struct HfDir {
+    dir: PathBuf,
+    pub config: serde_json::Value,
+    files: Vec<(PathBuf, memmap2::Mmap)>,
+    order: Vec<String>,
+    entries: HashMap<String, Entry>,
+}
+
+fn read_json(path: &Path) -> Result<serde_json::Value> {
+    let text = std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+    serde_json::from_str(&text).with_context(|| format!("{} is not valid JSON", path.display()))
+}
+
+impl HfDir {
+    pub fn open(dir: &Path) -> Result<Self> {
+        let config = read_json(&dir.join("config.json"))?;
+        let index_path = dir.join(INDEX_FILE);
+        let shard_names: Vec<String> = if index_path.exists() {
+            let index = read_json(&index_path)?;
+            let map = index
+                .get("weight_map")
+                .and_then(|m| m.as_object())
+                .ok_or_else(|| anyhow!("{}: no weight_map object", index_path.display()))?;
+            let mut shards: Vec<String> = Vec::new();
+            for file in map.values() {
+                let file = file.as_str().ok_or_else(|| anyhow!("{}: weight_map values must be file names", index_path.display()))?;
+                if !shards.iter().any(|s| s == file) {
+                    shards.push(file.to_string());
+                }
+            }
+            shards
+        } else if dir.join(SINGLE_FILE).exists() {
+            vec![SINGLE_FILE.to_string()]
+        } else {
+            bail!("{}: neither {SINGLE_FILE} nor {INDEX_FILE} found", dir.display());
+        };
+        let mut files = Vec::new();
+        let mut order = Vec::new();
+        let mut entries = HashMap::new();
+        for (file_idx, shard) in shard_names.iter().enumerate() {
+            let path = dir.join(shard);
+            let file = File::open(&path).with_context(|| format!("cannot open {}", path.display()))?;
+            // SAFETY: read-only map of a file recoup does not modify while it is mapped.
+            let mmap = unsafe { memmap2::Mmap::map(&file) }.with_context(|| format!("cannot map {}", path.display()))?;
+            let (header_len, meta) = SafeTensors::read_metadata(&mmap[..])
+                .map_err(|e| anyhow!("{} is not a valid safetensors file: {e}", path.display()))?;
+            let data_start = 8 + header_len;
+            let mut named: Vec<(String, &safetensors::tensor::TensorInfo)> = meta.tensors().into_iter().collect();
+            named.sort_by_key(|(_, info)| info.data_offsets.0);
+            for (name, info) in named {
+                let range = (data_start + info.data_offsets.0, data_start + info.data_offsets.1);
+                order.push(name.clone());
+                entries.insert(name, Entry { file: file_idx, dtype: info.dtype, shape: info.shape.clone(), range });
+            }
+            files.push((path, mmap));
+        }
+        Ok(Self { dir: dir.to_path_buf(), config, files, order, entries })
+    }
+}
+
+impl TensorSource for HfDir {
+    fn path(&self) -> &Path {
+        &self.dir
+    }
+
+    fn contains(&self, name: &str) -> bool {
+        self.entries.contains_key(name)
+    }
+
+    fn names(&self) -> Vec<String> {
+        self.order.clone()
+    }
+
+    fn tensor(&self, name: &str) -> Result<Tensor> {
+        let entry = self.entries.get(name).ok_or_else(|| anyhow!("{}: no tensor {name}", self.dir.display()))?;
+        let (path, mmap) = &self.files[entry.file];
+        let bytes = &mmap[entry.range.0..entry.range.1];
+        let data: Vec<f32> = match entry.dtype {
+            Dtype::F32 => bytes.chunks_exact(4).map(|b| f32::from_le_bytes(b.try_into().unwrap())).collect(),
+            Dtype::F16 => bytes.chunks_exact(2).map(|b| f16::from_le_bytes([b[0], b[1]]).to_f32()).collect(),
+            Dtype::BF16 => bytes.chunks_exact(2).map(|b| bf16::from_le_bytes([b[0], b[1]]).to_f32()).collect(),
+            other => bail!("{}: tensor {name} has dtype {other:?}; recoup reads F32, F16 and BF16", path.display()),
+        };
+        Ok(Tensor { shape: entry.shape.clone(), data })
+    }
+}
+
+/// Storage precision of an exported directory.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ExportDtype {
+    F32,
+    BF16,
+}
+
+/// Writes an HF model directory atomically: `config.json`, the tensors (one
+/// `model.safetensors`, or shards of at most `shard_bytes` plus the index), and any extra
+/// files (tokenizer). `tensors` yields names in order and `load` produces each one, so only
+/// one shard is held in memory at a time.
+pub fn write_hf_dir(
+    dest: &Path,
+    config: &serde_json::Value,
+    names: &[String],
+    load: &(dyn Fn(&str) -> Result<Tensor> + Sync),
+    dtype: ExportDtype,
+    shard_bytes: usize,
+    extra_files: &[(String, String)],
+) -> Result<()> {
+    atomic::write_dir(dest, |tmp| {
+        std::fs::write(tmp.join("config.json"), serde_json::to_string_pretty(config)? + "\n")?;
+        for (file, text) in extra_files {
+            std::fs::write(tmp.join(file), text)?;
+        }
+        let mut shards: Vec<Vec<(String, Vec<usize>, Vec<u8>)>> = vec![Vec::new()];
+        let mut shard_size = 0usize;
+        let mut written: Vec<Vec<String>> = Vec::new();
+        let mut total_bytes = 0usize;
+        let flush = |shard: Vec<(String, Vec<usize>, Vec<u8>)>, idx: usize, tmp: &Path| -> Result<Vec<String>> {
+            let views: Vec<(String, safetensors::tensor::TensorView)> = shard
+                .iter()
+                .map(|(n, shape, bytes)| {
+                    let dt = match dtype {
+                        ExportDtype::F32 => Dtype::F32,
+                        ExportDtype::BF16 => Dtype::BF16,
+                    };
+                    Ok((n.clone(), safetensors::tensor::TensorView::new(dt, shape.clone(), bytes)?))
+                })
+                .collect::<Result<_>>()?;
+            let mut meta = HashMap::new();
+            meta.insert("format".to_string(), "pt".to_string());
+            safetensors::serialize_to_file(views, Some(meta), &tmp.join(format!("shard-{idx}.tmp")))?;
+            Ok(shard.into_iter().map(|(n, _, _)| n).collect())
+        };
+        for name in names {
+            let t = load(name)?;
+            let bytes: Vec<u8> = match dtype {
+                ExportDtype::F32 => t.data.iter().flat_map(|v| v.to_le_bytes()).collect(),
+                ExportDtype::BF16 => t.data.iter().flat_map(|&v| bf16::from_f32(v).to_le_bytes()).collect(),
+            };
+            if shard_size > 0 && shard_size + bytes.len() > shard_bytes {
+                let shard = std::mem::take(shards.last_mut().unwrap());
+                written.push(flush(shard, written.len(), tmp)?);
+                shard_size = 0;
+            }
+            shard_size += bytes.len();
+            total_bytes += bytes.len();
+            shards.last_mut().unwrap().push((name.clone(), t.shape, bytes));
+        }
+        let last = std::mem::take(shards.last_mut().unwrap());
+        written.push(flush(last, written.len(), tmp)?);
+        let n = written.len();
+        if n == 1 {
+            std::fs::rename(tmp.join("shard-0.tmp"), tmp.join(SINGLE_FILE))?;
+        } else {
+            let mut weight_map = BTreeMap::new();
+            for (idx, names) in written.iter().enumerate() {
+                let file = format!("model-{:05}-of-{n:05}.safetensors", idx + 1);
+                std::fs::rename(tmp.join(format!("shard-{idx}.tmp")), tmp.join(&file))?;
+                for name in names {
+                    weight_map.insert(name.clone(), file.clone());
+                }
+            }
+            let index = serde_json::json!({ "metadata": { "total_size": total_bytes }, "weight_map": weight_map });
+            std::fs::write(tmp.join(INDEX_FILE), serde_json::to_string_pretty(&index)? + "\n")?;
+        }
+        Ok(())
+    })
+    .with_context(|| format!("cannot write {}", dest.display()))
+}
