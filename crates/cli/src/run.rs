@@ -1,0 +1,100 @@
+use anyhow::{bail, Result};
+use recoup_model::chat::render_user_prompt;
+use recoup_model::sampling::Sampler;
+use recoup_model::KvCache;
+use std::io::Write;
+use std::time::Instant;
+
+#[derive(clap::Args)]
+pub struct Args {
+    /// Model: a GGUF file, a Hugging Face directory, or an asset name.
+    #[arg(long)]
+    model: String,
+    /// The prompt.
+    #[arg(long)]
+    prompt: String,
+    /// Tokens to generate at most.
+    #[arg(long, default_value_t = 128)]
+    max_tokens: usize,
+    /// Sampling temperature; 0 is greedy.
+    #[arg(long, default_value_t = 0.0)]
+    temperature: f32,
+    /// Nucleus sampling mass.
+    #[arg(long, default_value_t = 0.95)]
+    top_p: f32,
+    /// Seed of the sampler.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Wrap the prompt in the model's chat template as one user message.
+    #[arg(long)]
+    chat: bool,
+}
+
+pub fn main(args: Args) -> Result<()> {
+    if !(0.0..=1.0).contains(&args.top_p) || args.top_p == 0.0 {
+        bail!("--top-p must be in (0, 1], got {}", args.top_p);
+    }
+    if args.temperature < 0.0 {
+        bail!("--temperature must be non-negative, got {}", args.temperature);
+    }
+    let loaded = crate::load_model(&args.model)?;
+    let (model, tk) = (&loaded.model, &loaded.tokenizer);
+    let prompt = if args.chat {
+        let Some(template) = &tk.chat_template else { bail!("--chat: the model has no chat template") };
+        let text = |id: Option<u32>| id.and_then(|i| tk.token_text(i)).unwrap_or_default();
+        render_user_prompt(template, &args.prompt, &text(tk.bos), &text(tk.eos))?
+    } else {
+        args.prompt.clone()
+    };
+    // A chat template may spell BOS itself; otherwise the model's convention adds it.
+    let mut tokens = if args.chat { tk.encode(&prompt, true)? } else { tk.encode_with_bos(&prompt, false)? };
+    if tokens.is_empty() {
+        tokens = tk.bos.into_iter().collect();
+    }
+    if tokens.is_empty() {
+        bail!("the prompt is empty and the model has no BOS token to start from");
+    }
+    let capacity = (tokens.len() + args.max_tokens).min(model.config.max_position);
+    if tokens.len() >= capacity {
+        bail!("the prompt has {} tokens, the model's context is {}", tokens.len(), model.config.max_position);
+    }
+    let mut cache = KvCache::new(&model.config, capacity);
+    let mut sampler = Sampler::new(args.temperature, args.top_p, args.seed);
+    let mut stream = tk.stream();
+    let mut out = std::io::stdout().lock();
+    if !args.chat {
+        write!(out, "{}", args.prompt)?;
+        out.flush()?;
+    }
+    let t0 = Instant::now();
+    let d = model.config.hidden_size;
+    let hidden = model.forward(&tokens, &mut cache)?;
+    let mut logits = model.logits(&hidden[hidden.len() - d..], 1);
+    let prefill_secs = t0.elapsed().as_secs_f64();
+    let t1 = Instant::now();
+    let mut generated = 0;
+    while cache.len() < capacity && generated < args.max_tokens {
+        let next = sampler.sample(&logits);
+        generated += 1;
+        if Some(next) == tk.eos {
+            break;
+        }
+        write!(out, "{}", stream.push(next)?)?;
+        out.flush()?;
+        if cache.len() == capacity {
+            break;
+        }
+        let hidden = model.forward(&[next], &mut cache)?;
+        logits = model.logits(&hidden, 1);
+    }
+    writeln!(out)?;
+    let gen_secs = t1.elapsed().as_secs_f64();
+    eprintln!(
+        "prompt: {} tokens, {:.1} tokens/s | generation: {} tokens, {:.1} tokens/s",
+        tokens.len(),
+        tokens.len() as f64 / prefill_secs,
+        generated,
+        generated as f64 / gen_secs.max(1e-9)
+    );
+    Ok(())
+}
