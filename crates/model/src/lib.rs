@@ -4,6 +4,7 @@
 
 pub mod chat;
 pub mod config;
+pub mod export;
 pub mod kv_cache;
 pub mod linear;
 pub mod llama;
