@@ -202,3 +202,44 @@ impl Write for HashingWriter {
         self.file.flush()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn derived(sha256: &'static str) -> Asset {
+        Asset {
+            name: "test-split",
+            kind: AssetKind::Text,
+            file_name: "split.txt",
+            sha256,
+            recipe: Recipe::WikiSplit { first: 1, last: 1 },
+            description: "test",
+        }
+    }
+
+    #[test]
+    fn a_hash_mismatch_leaves_no_file_behind() {
+        let dir = tempfile::tempdir().unwrap();
+        let wiki = dir.path().join("wiki.utf8");
+        fs::write(&wiki, "<doc id=\"1\">\nTitle\n\nBody.\n\n</doc>\n").unwrap();
+        let dest = dir.path().join("split.txt");
+        let err = build(&derived("00"), Some(&wiki), &dest).unwrap_err().to_string();
+        assert!(err.contains("sha256 mismatch"), "{err}");
+        let names: Vec<_> = fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
+        assert_eq!(names, vec![std::ffi::OsString::from("wiki.utf8")], "nothing but the source may remain");
+    }
+
+    #[test]
+    fn a_verified_file_is_renamed_into_place() {
+        let dir = tempfile::tempdir().unwrap();
+        let wiki = dir.path().join("wiki.utf8");
+        fs::write(&wiki, "<doc id=\"1\">\nTitle\n\nBody.\n\n</doc>\n").unwrap();
+        let dest = dir.path().join("split.txt");
+        let mut h = Sha256::new();
+        h.update(b"Title\n\nBody.\n");
+        let sha: &'static str = Box::leak(hex(&h.finalize()).into_boxed_str());
+        build(&derived(sha), Some(&wiki), &dest).unwrap();
+        assert_eq!(fs::read_to_string(&dest).unwrap(), "Title\n\nBody.\n");
+    }
+}
