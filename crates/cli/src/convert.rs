@@ -1,4 +1,4 @@
-use anyhow::{bail, Result};
+use anyhow::{Result, bail};
 use recoup_formats::hf::ExportDtype;
 use std::path::PathBuf;
 
@@ -24,10 +24,26 @@ pub fn main(args: Args) -> Result<()> {
     }
     let path = recoup_assets::resolve(&args.model, recoup_assets::AssetKind::Model)?;
     let opened = recoup_model::load::open(&path)?;
-    let dtype = if args.dtype == "bf16" { ExportDtype::BF16 } else { ExportDtype::F32 };
+    let dtype = if args.dtype == "bf16" {
+        ExportDtype::BF16
+    } else {
+        ExportDtype::F32
+    };
     let pb = crate::progress::bar(opened.source.names().len() as u64, "tensors");
-    let n = recoup_model::export::export_hf(&opened, &args.out, dtype, args.max_shard_mib << 20, &|| pb.inc(1))?;
+    let n = recoup_model::export::export_hf(
+        &opened,
+        &args.out,
+        dtype,
+        args.max_shard_mib << 20,
+        &|| pb.inc(1),
+    )?;
     pb.finish_and_clear();
-    println!("wrote {} ({n} tensors, {}, from {} {})", args.out.display(), args.dtype, opened.format, path.display());
+    println!(
+        "wrote {} ({n} tensors, {}, from {} {})",
+        args.out.display(),
+        args.dtype,
+        opened.format,
+        path.display()
+    );
     Ok(())
 }

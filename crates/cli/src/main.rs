@@ -10,7 +10,11 @@ use anyhow::Result;
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
-#[command(name = "recoup", version, about = "Low-bit LLMs nearly as accurate as full precision, fast on ordinary hardware")]
+#[command(
+    name = "recoup",
+    version,
+    about = "Low-bit LLMs nearly as accurate as full precision, fast on ordinary hardware"
+)]
 struct Cli {
     /// Worker threads (default: all cores).
     #[arg(long, global = true)]
@@ -41,7 +45,9 @@ fn main() {
 
 fn real_main(cli: Cli) -> Result<()> {
     if let Some(n) = cli.threads {
-        rayon::ThreadPoolBuilder::new().num_threads(n).build_global()?;
+        rayon::ThreadPoolBuilder::new()
+            .num_threads(n)
+            .build_global()?;
     }
     match cli.command {
         Command::Fetch(a) => fetch::main(a),

@@ -1,5 +1,5 @@
 use anyhow::{Context, Result};
-use recoup_eval::ppl::{perplexity, Protocol};
+use recoup_eval::ppl::{Protocol, perplexity};
 use std::time::Instant;
 
 #[derive(clap::Args)]
@@ -32,7 +32,8 @@ enum ProtocolArg {
 
 pub fn main(args: Args) -> Result<()> {
     let text_path = recoup_assets::resolve(&args.text, recoup_assets::AssetKind::Text)?;
-    let text = std::fs::read_to_string(&text_path).with_context(|| format!("cannot read text {}", text_path.display()))?;
+    let text = std::fs::read_to_string(&text_path)
+        .with_context(|| format!("cannot read text {}", text_path.display()))?;
     let text_sha256 = recoup_assets::sha256_file(&text_path)?;
     let loaded = crate::load_model(&args.model)?;
     let tk = &loaded.tokenizer;
@@ -44,12 +45,22 @@ pub fn main(args: Args) -> Result<()> {
     let tokens = tk.encode_with_bos(&text, false)?;
     let bos = if tk.add_bos { tk.bos } else { None };
     let start = Instant::now();
-    let windows = args.max_windows.map_or(tokens.len() / args.ctx, |m| m.min(tokens.len() / args.ctx));
+    let windows = args
+        .max_windows
+        .map_or(tokens.len() / args.ctx, |m| m.min(tokens.len() / args.ctx));
     let pb = crate::progress::bar(windows as u64, "windows");
-    let result = perplexity(&loaded.model, &tokens, bos, args.ctx, protocol, args.max_windows, |_, _, running| {
-        pb.inc(1);
-        pb.set_message(format!("ppl {running:.4}"));
-    })
+    let result = perplexity(
+        &loaded.model,
+        &tokens,
+        bos,
+        args.ctx,
+        protocol,
+        args.max_windows,
+        |_, _, running| {
+            pb.inc(1);
+            pb.set_message(format!("ppl {running:.4}"));
+        },
+    )
     .with_context(|| format!("text {}", text_path.display()))?;
     pb.finish_and_clear();
     let secs = start.elapsed().as_secs_f64();
@@ -75,8 +86,15 @@ pub fn main(args: Args) -> Result<()> {
             text_path.display(),
             text_sha256
         );
-        println!("ppl = {:.4} +/- {:.4} (nll {:.6})", result.ppl, result.ppl_stderr, result.nll);
-        println!("{:.1}s, {:.1} tokens/s processed", secs, processed as f64 / secs);
+        println!(
+            "ppl = {:.4} +/- {:.4} (nll {:.6})",
+            result.ppl, result.ppl_stderr, result.nll
+        );
+        println!(
+            "{:.1}s, {:.1} tokens/s processed",
+            secs,
+            processed as f64 / secs
+        );
     }
     Ok(())
 }

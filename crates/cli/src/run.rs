@@ -1,7 +1,7 @@
-use anyhow::{bail, Result};
+use anyhow::{Result, bail};
+use recoup_model::KvCache;
 use recoup_model::chat::render_user_prompt;
 use recoup_model::sampling::Sampler;
-use recoup_model::KvCache;
 use std::io::Write;
 use std::time::Instant;
 
@@ -35,19 +35,28 @@ pub fn main(args: Args) -> Result<()> {
         bail!("--top-p must be in (0, 1], got {}", args.top_p);
     }
     if args.temperature < 0.0 {
-        bail!("--temperature must be non-negative, got {}", args.temperature);
+        bail!(
+            "--temperature must be non-negative, got {}",
+            args.temperature
+        );
     }
     let loaded = crate::load_model(&args.model)?;
     let (model, tk) = (&loaded.model, &loaded.tokenizer);
     let prompt = if args.chat {
-        let Some(template) = &tk.chat_template else { bail!("--chat: the model has no chat template") };
+        let Some(template) = &tk.chat_template else {
+            bail!("--chat: the model has no chat template")
+        };
         let text = |id: Option<u32>| id.and_then(|i| tk.token_text(i)).unwrap_or_default();
         render_user_prompt(template, &args.prompt, &text(tk.bos), &text(tk.eos))?
     } else {
         args.prompt.clone()
     };
     // A chat template may spell BOS itself; otherwise the model's convention adds it.
-    let mut tokens = if args.chat { tk.encode(&prompt, true)? } else { tk.encode_with_bos(&prompt, false)? };
+    let mut tokens = if args.chat {
+        tk.encode(&prompt, true)?
+    } else {
+        tk.encode_with_bos(&prompt, false)?
+    };
     if tokens.is_empty() {
         tokens = tk.bos.into_iter().collect();
     }
@@ -56,7 +65,11 @@ pub fn main(args: Args) -> Result<()> {
     }
     let capacity = (tokens.len() + args.max_tokens).min(model.config.max_position);
     if tokens.len() >= capacity {
-        bail!("the prompt has {} tokens, the model's context is {}", tokens.len(), model.config.max_position);
+        bail!(
+            "the prompt has {} tokens, the model's context is {}",
+            tokens.len(),
+            model.config.max_position
+        );
     }
     let mut cache = KvCache::new(&model.config, capacity);
     let mut sampler = Sampler::new(args.temperature, args.top_p, args.seed);

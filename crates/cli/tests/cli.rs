@@ -3,7 +3,10 @@
 use std::process::{Command, Output};
 
 fn recoup(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_recoup")).args(args).output().expect("recoup runs")
+    Command::new(env!("CARGO_BIN_EXE_recoup"))
+        .args(args)
+        .output()
+        .expect("recoup runs")
 }
 
 fn stderr(o: &Output) -> String {
@@ -12,34 +15,81 @@ fn stderr(o: &Output) -> String {
 
 #[test]
 fn gptq_protocol_is_deterministic_and_reports_its_protocol() {
-    let args = ["ppl", "--model", "smollm2-135m", "--text", "wiki-heldout", "--ctx", "2048", "--max-windows", "1", "--json"];
+    let args = [
+        "ppl",
+        "--model",
+        "smollm2-135m",
+        "--text",
+        "wiki-heldout",
+        "--ctx",
+        "2048",
+        "--max-windows",
+        "1",
+        "--json",
+    ];
     let (a, b) = (recoup(&args), recoup(&args));
     assert!(a.status.success(), "{}", stderr(&a));
-    let parse = |o: &Output| -> serde_json::Value { serde_json::from_slice(&o.stdout).expect("one JSON object") };
+    let parse = |o: &Output| -> serde_json::Value {
+        serde_json::from_slice(&o.stdout).expect("one JSON object")
+    };
     let (ja, jb) = (parse(&a), parse(&b));
-    for key in ["ppl", "nll", "tokens_scored", "windows", "ctx", "protocol", "text_sha256"] {
+    for key in [
+        "ppl",
+        "nll",
+        "tokens_scored",
+        "windows",
+        "ctx",
+        "protocol",
+        "text_sha256",
+    ] {
         assert!(ja.get(key).is_some(), "JSON lacks {key}: {ja}");
     }
     assert_eq!(ja["ppl"], jb["ppl"], "two runs differ");
     assert_eq!(ja["tokens_scored"], 2047);
     assert_eq!(ja["protocol"], "gptq");
-    assert_eq!(ja["text_sha256"], "6d62ef2fdd8a9e0d637bd82ae2f529a78e82a8cc7ea4aaa0baeee9c97b2caad8");
+    assert_eq!(
+        ja["text_sha256"],
+        "6d62ef2fdd8a9e0d637bd82ae2f529a78e82a8cc7ea4aaa0baeee9c97b2caad8"
+    );
     let ppl = ja["ppl"].as_f64().unwrap();
-    assert!((5.0..30.0).contains(&ppl), "implausible SmolLM2 perplexity {ppl}");
+    assert!(
+        (5.0..30.0).contains(&ppl),
+        "implausible SmolLM2 perplexity {ppl}"
+    );
 }
 
 #[test]
 fn run_generates_greedily() {
-    let o = recoup(&["run", "--model", "smollm2-135m", "--prompt", "The capital of France is", "--max-tokens", "6"]);
+    let o = recoup(&[
+        "run",
+        "--model",
+        "smollm2-135m",
+        "--prompt",
+        "The capital of France is",
+        "--max-tokens",
+        "6",
+    ]);
     assert!(o.status.success(), "{}", stderr(&o));
     let text = String::from_utf8_lossy(&o.stdout);
-    assert!(text.starts_with("The capital of France is") && text.contains("Paris"), "{text}");
+    assert!(
+        text.starts_with("The capital of France is") && text.contains("Paris"),
+        "{text}"
+    );
     assert!(stderr(&o).contains("tokens/s"), "{}", stderr(&o));
 }
 
 #[test]
 fn chat_template_is_applied() {
-    let o = recoup(&["run", "--model", "smollm2-135m", "--prompt", "What is 2+2?", "--chat", "--max-tokens", "12"]);
+    let o = recoup(&[
+        "run",
+        "--model",
+        "smollm2-135m",
+        "--prompt",
+        "What is 2+2?",
+        "--chat",
+        "--max-tokens",
+        "12",
+    ]);
     assert!(o.status.success(), "{}", stderr(&o));
     assert!(!String::from_utf8_lossy(&o.stdout).trim().is_empty());
 }
@@ -49,26 +99,53 @@ fn text_shorter_than_a_window_is_a_clear_error() {
     let dir = tempfile::tempdir().unwrap();
     let short = dir.path().join("short.txt");
     std::fs::write(&short, "Only a few words here.").unwrap();
-    let o = recoup(&["ppl", "--model", "smollm2-135m", "--text", short.to_str().unwrap(), "--ctx", "512"]);
+    let o = recoup(&[
+        "ppl",
+        "--model",
+        "smollm2-135m",
+        "--text",
+        short.to_str().unwrap(),
+        "--ctx",
+        "512",
+    ]);
     assert_eq!(o.status.code(), Some(1));
     let err = stderr(&o);
-    assert!(err.contains("fewer than one window") && err.contains("short.txt"), "{err}");
+    assert!(
+        err.contains("fewer than one window") && err.contains("short.txt"),
+        "{err}"
+    );
 }
 
 #[test]
 fn bad_model_arguments_are_clear_errors() {
     let o = recoup(&["ppl", "--model", "no-such-model", "--text", "wiki-heldout"]);
     assert_eq!(o.status.code(), Some(1));
-    assert!(stderr(&o).contains("neither an existing path nor a known"), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("neither an existing path nor a known"),
+        "{}",
+        stderr(&o)
+    );
 
     let dir = tempfile::tempdir().unwrap();
     let junk = dir.path().join("junk.gguf");
     std::fs::write(&junk, b"definitely not a model").unwrap();
     let o = recoup(&["run", "--model", junk.to_str().unwrap(), "--prompt", "x"]);
     assert_eq!(o.status.code(), Some(1));
-    assert!(stderr(&o).contains("junk.gguf") && stderr(&o).contains("not a GGUF file"), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("junk.gguf") && stderr(&o).contains("not a GGUF file"),
+        "{}",
+        stderr(&o)
+    );
 
-    let o = recoup(&["run", "--model", "smollm2-135m", "--prompt", "x", "--top-p", "1.5"]);
+    let o = recoup(&[
+        "run",
+        "--model",
+        "smollm2-135m",
+        "--prompt",
+        "x",
+        "--top-p",
+        "1.5",
+    ]);
     assert_eq!(o.status.code(), Some(1));
     assert!(stderr(&o).contains("--top-p"), "{}", stderr(&o));
     assert!(!stderr(&o).contains("panicked"));
@@ -78,15 +155,36 @@ fn bad_model_arguments_are_clear_errors() {
 fn convert_then_ppl_on_the_export_matches() {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("hf");
-    let o = recoup(&["convert", "--model", "smollm2-135m", "--out", out.to_str().unwrap()]);
+    let o = recoup(&[
+        "convert",
+        "--model",
+        "smollm2-135m",
+        "--out",
+        out.to_str().unwrap(),
+    ]);
     assert!(o.status.success(), "{}", stderr(&o));
     let ppl = |model: &str| {
-        let o = recoup(&["ppl", "--model", model, "--text", "c4", "--ctx", "256", "--max-windows", "2", "--json"]);
+        let o = recoup(&[
+            "ppl",
+            "--model",
+            model,
+            "--text",
+            "c4",
+            "--ctx",
+            "256",
+            "--max-windows",
+            "2",
+            "--json",
+        ]);
         assert!(o.status.success(), "{}", stderr(&o));
         serde_json::from_slice::<serde_json::Value>(&o.stdout).unwrap()["ppl"].clone()
     };
     assert_eq!(ppl(out.to_str().unwrap()), ppl("smollm2-135m"));
     // No temporary directory is left beside the output.
-    let leftovers: Vec<_> = std::fs::read_dir(dir.path()).unwrap().filter_map(|e| e.ok()).filter(|e| e.file_name() != "hf").collect();
+    let leftovers: Vec<_> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .filter(|e| e.file_name() != "hf")
+        .collect();
     assert!(leftovers.is_empty(), "{leftovers:?}");
 }

@@ -8,7 +8,7 @@
 //!   replaced by BOS when the model adds BOS, and only the second half scored: the logits at
 //!   positions `ctx/2 … ctx−2` predict tokens `ctx/2+1 … ctx−1`.
 
-use anyhow::{bail, Result};
+use anyhow::{Result, bail};
 use rayon::prelude::*;
 use recoup_kernels::ops::log_prob;
 use recoup_model::{KvCache, Model};
@@ -64,7 +64,10 @@ pub fn perplexity(
     }
     let available = tokens.len() / ctx;
     if available == 0 {
-        bail!("the text has {} tokens, fewer than one window of --ctx {ctx}", tokens.len());
+        bail!(
+            "the text has {} tokens, fewer than one window of --ctx {ctx}",
+            tokens.len()
+        );
     }
     let windows = max_windows.map_or(available, |m| m.min(available));
     let scored = protocol.scored_positions(ctx);
@@ -88,7 +91,12 @@ pub fn perplexity(
             let nlls: Vec<f64> = chunk
                 .par_iter()
                 .enumerate()
-                .map(|(i, &pos)| -log_prob(&logits[i * vocab..(i + 1) * vocab], window[pos + 1] as usize))
+                .map(|(i, &pos)| {
+                    -log_prob(
+                        &logits[i * vocab..(i + 1) * vocab],
+                        window[pos + 1] as usize,
+                    )
+                })
                 .collect();
             for nll in nlls {
                 sum += nll;

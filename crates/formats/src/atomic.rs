@@ -13,17 +13,26 @@ pub fn write_dir(dest: &Path, fill: impl FnOnce(&Path) -> Result<()>) -> Result<
         _ => Path::new("."),
     };
     fs::create_dir_all(parent).with_context(|| format!("cannot create {}", parent.display()))?;
-    let name = dest.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let name = dest
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
     let tmp = tempfile::Builder::new()
         .prefix(&format!(".{name}.partial-"))
         .tempdir_in(parent)
-        .with_context(|| format!("cannot create a temporary directory in {}", parent.display()))?;
+        .with_context(|| {
+            format!(
+                "cannot create a temporary directory in {}",
+                parent.display()
+            )
+        })?;
     fill(tmp.path())?;
     if dest.exists() {
         fs::remove_dir_all(dest).with_context(|| format!("cannot replace {}", dest.display()))?;
     }
     let tmp_path = tmp.keep();
-    fs::rename(&tmp_path, dest).with_context(|| format!("cannot rename into {}", dest.display()))?;
+    fs::rename(&tmp_path, dest)
+        .with_context(|| format!("cannot rename into {}", dest.display()))?;
     Ok(())
 }
 
@@ -38,6 +47,7 @@ pub fn write_file(dest: &Path, bytes: &[u8]) -> Result<()> {
         .with_context(|| format!("cannot create a temporary file in {}", parent.display()))?;
     tmp.write_all(bytes)?;
     tmp.as_file().sync_all()?;
-    tmp.persist(dest).with_context(|| format!("cannot rename into {}", dest.display()))?;
+    tmp.persist(dest)
+        .with_context(|| format!("cannot rename into {}", dest.display()))?;
     Ok(())
 }

@@ -37,7 +37,12 @@ impl GgmlType {
             13 => Self::Q5K,
             14 => Self::Q6K,
             30 => Self::BF16,
-            _ => return Err(format!("unsupported ggml tensor type {} (id {id})", known_name(id))),
+            _ => {
+                return Err(format!(
+                    "unsupported ggml tensor type {} (id {id})",
+                    known_name(id)
+                ));
+            }
         })
     }
 
@@ -84,18 +89,26 @@ impl GgmlType {
 
     /// Bytes for `n` elements; `None` if `n` is not a whole number of blocks.
     pub fn bytes_for(self, n: usize) -> Option<usize> {
-        (n % self.block_elems() == 0).then(|| n / self.block_elems() * self.block_bytes())
+        n.is_multiple_of(self.block_elems())
+            .then(|| n / self.block_elems() * self.block_bytes())
     }
 
     /// Dequantizes `src` (a whole number of blocks) into `dst` (`dst.len()` elements).
     pub fn dequantize(self, src: &[u8], dst: &mut [f32]) {
         let (be, bb) = (self.block_elems(), self.block_bytes());
-        assert_eq!(src.len() * be, dst.len() * bb, "{} buffer sizes disagree", self.name());
+        assert_eq!(
+            src.len() * be,
+            dst.len() * bb,
+            "{} buffer sizes disagree",
+            self.name()
+        );
         let blocks = src.chunks_exact(bb).zip(dst.chunks_exact_mut(be));
         match self {
             Self::F32 => blocks.for_each(|(b, y)| y[0] = f32::from_le_bytes(b.try_into().unwrap())),
             Self::F16 => blocks.for_each(|(b, y)| y[0] = f16_at(b, 0)),
-            Self::BF16 => blocks.for_each(|(b, y)| y[0] = bf16::from_le_bytes([b[0], b[1]]).to_f32()),
+            Self::BF16 => {
+                blocks.for_each(|(b, y)| y[0] = bf16::from_le_bytes([b[0], b[1]]).to_f32())
+            }
             Self::Q4_0 => blocks.for_each(|(b, y)| dequant_q4_0(b, y)),
             Self::Q4_1 => blocks.for_each(|(b, y)| dequant_q4_1(b, y)),
             Self::Q5_0 => blocks.for_each(|(b, y)| dequant_q5_0(b, y)),
@@ -184,7 +197,10 @@ fn scale_min_k4(j: usize, q: &[u8]) -> (u8, u8) {
     if j < 4 {
         (q[j] & 63, q[j + 4] & 63)
     } else {
-        ((q[j + 4] & 0x0F) | ((q[j - 4] >> 6) << 4), (q[j + 4] >> 4) | ((q[j] >> 6) << 4))
+        (
+            (q[j + 4] & 0x0F) | ((q[j - 4] >> 6) << 4),
+            (q[j + 4] >> 4) | ((q[j] >> 6) << 4),
+        )
     }
 }
 

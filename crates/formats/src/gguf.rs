@@ -4,7 +4,7 @@
 
 use crate::ggml::GgmlType;
 use crate::{Tensor, TensorSource};
-use anyhow::{anyhow, bail, Context, Result};
+use anyhow::{Context, Result, anyhow, bail};
 use rayon::prelude::*;
 use std::collections::HashMap;
 use std::fs::File;
@@ -103,9 +103,17 @@ struct Cursor<'a> {
 
 impl<'a> Cursor<'a> {
     fn take(&mut self, n: usize, what: &str) -> Result<&'a [u8]> {
-        let end = self.pos.checked_add(n).filter(|&e| e <= self.bytes.len()).ok_or_else(|| {
-            anyhow!("truncated: {what} needs {n} bytes at offset {}, file has {}", self.pos, self.bytes.len())
-        })?;
+        let end = self
+            .pos
+            .checked_add(n)
+            .filter(|&e| e <= self.bytes.len())
+            .ok_or_else(|| {
+                anyhow!(
+                    "truncated: {what} needs {n} bytes at offset {}, file has {}",
+                    self.pos,
+                    self.bytes.len()
+                )
+            })?;
         let out = &self.bytes[self.pos..end];
         self.pos = end;
         Ok(out)
@@ -181,7 +189,10 @@ impl GgufFile {
         // SAFETY: the map is read-only; recoup never writes a file it has mapped. A file
         // truncated by another process while mapped is outside what any mmap reader can guard.
         let mmap = unsafe { memmap2::Mmap::map(&file)? };
-        let mut c = Cursor { bytes: &mmap, pos: 0 };
+        let mut c = Cursor {
+            bytes: &mmap,
+            pos: 0,
+        };
         let magic = c.take(4, "magic")?;
         if magic != MAGIC {
             bail!("not a GGUF file: magic is {magic:02x?}, expected \"GGUF\"");
@@ -215,23 +226,36 @@ impl GgufFile {
             raw_tensors.push((name, ne, type_id, offset));
         }
         let alignment = match metadata.iter().find(|(k, _)| k == "general.alignment") {
-            Some((_, v)) => v.as_u64().filter(|a| a.is_power_of_two()).ok_or_else(|| anyhow!("corrupt: general.alignment {v:?}"))?,
+            Some((_, v)) => v
+                .as_u64()
+                .filter(|a| a.is_power_of_two())
+                .ok_or_else(|| anyhow!("corrupt: general.alignment {v:?}"))?,
             None => DEFAULT_ALIGNMENT,
         };
         let data_start = (c.pos as u64).div_ceil(alignment) * alignment;
         let mut tensors = Vec::with_capacity(n_tensors);
         for (name, ne, type_id, offset) in raw_tensors {
-            let ggml_type = GgmlType::from_id(type_id).map_err(|e| anyhow!("tensor {name}: {e}"))?;
+            let ggml_type =
+                GgmlType::from_id(type_id).map_err(|e| anyhow!("tensor {name}: {e}"))?;
             let numel = ne.iter().try_fold(1usize, |acc, &d| acc.checked_mul(d));
-            let n_bytes = numel
-                .and_then(|n| ggml_type.bytes_for(n))
-                .ok_or_else(|| anyhow!("corrupt: tensor {name} has shape {ne:?}, not whole {} blocks", ggml_type.name()))?;
+            let n_bytes = numel.and_then(|n| ggml_type.bytes_for(n)).ok_or_else(|| {
+                anyhow!(
+                    "corrupt: tensor {name} has shape {ne:?}, not whole {} blocks",
+                    ggml_type.name()
+                )
+            })?;
             let start = data_start.checked_add(offset).map(|s| s as usize);
             let end = start.and_then(|s| s.checked_add(n_bytes));
             match (start, end) {
                 (Some(start), Some(end)) if end <= mmap.len() => {
                     let shape = ne.iter().rev().copied().collect();
-                    tensors.push(TensorInfo { name, shape, ggml_type, offset: start, n_bytes });
+                    tensors.push(TensorInfo {
+                        name,
+                        shape,
+                        ggml_type,
+                        offset: start,
+                        n_bytes,
+                    });
                 }
                 _ => bail!(
                     "truncated: tensor {name} ({} bytes at data offset {offset}) ends past the end of the file ({} bytes)",
@@ -240,8 +264,19 @@ impl GgufFile {
                 ),
             }
         }
-        let index = tensors.iter().enumerate().map(|(i, t)| (t.name.clone(), i)).collect();
-        Ok(Self { path: path.to_path_buf(), mmap, version, metadata, tensors, index })
+        let index = tensors
+            .iter()
+            .enumerate()
+            .map(|(i, t)| (t.name.clone(), i))
+            .collect();
+        Ok(Self {
+            path: path.to_path_buf(),
+            mmap,
+            version,
+            metadata,
+            tensors,
+            index,
+        })
     }
 
     pub fn path(&self) -> &Path {
@@ -253,21 +288,28 @@ impl GgufFile {
     }
 
     fn require(&self, key: &str) -> Result<&Value> {
-        self.get(key).ok_or_else(|| anyhow!("{}: missing metadata key {key}", self.path.display()))
+        self.get(key)
+            .ok_or_else(|| anyhow!("{}: missing metadata key {key}", self.path.display()))
     }
 
     fn wrong_type(&self, key: &str, v: &Value, want: &str) -> anyhow::Error {
-        anyhow!("{}: metadata key {key} is a {}, expected {want}", self.path.display(), v.type_name())
+        anyhow!(
+            "{}: metadata key {key} is a {}, expected {want}",
+            self.path.display(),
+            v.type_name()
+        )
     }
 
     pub fn get_u64(&self, key: &str) -> Result<u64> {
         let v = self.require(key)?;
-        v.as_u64().ok_or_else(|| self.wrong_type(key, v, "an unsigned integer"))
+        v.as_u64()
+            .ok_or_else(|| self.wrong_type(key, v, "an unsigned integer"))
     }
 
     pub fn get_f64(&self, key: &str) -> Result<f64> {
         let v = self.require(key)?;
-        v.as_f64().ok_or_else(|| self.wrong_type(key, v, "a number"))
+        v.as_f64()
+            .ok_or_else(|| self.wrong_type(key, v, "a number"))
     }
 
     pub fn get_str(&self, key: &str) -> Result<&str> {
@@ -325,7 +367,10 @@ impl GgufFile {
             .par_chunks(t.block_bytes() * blocks_per_chunk)
             .zip(data.par_chunks_mut(t.block_elems() * blocks_per_chunk))
             .for_each(|(src, dst)| t.dequantize(src, dst));
-        Ok(Tensor { shape: info.shape.clone(), data })
+        Ok(Tensor {
+            shape: info.shape.clone(),
+            data,
+        })
     }
 }
 
@@ -352,8 +397,16 @@ impl GgufTensorSource {
         } else {
             None
         };
-        let names = file.tensors.iter().map(|t| (hf_name(&t.name), t.name.clone())).collect();
-        Ok(Self { file, names, permuted_heads })
+        let names = file
+            .tensors
+            .iter()
+            .map(|t| (hf_name(&t.name), t.name.clone()))
+            .collect();
+        Ok(Self {
+            file,
+            names,
+            permuted_heads,
+        })
     }
 
     pub fn file(&self) -> &GgufFile {
@@ -361,7 +414,10 @@ impl GgufTensorSource {
     }
 
     fn gguf_name(&self, name: &str) -> Option<&str> {
-        self.names.iter().find(|(hf, _)| hf == name).map(|(_, g)| g.as_str())
+        self.names
+            .iter()
+            .find(|(hf, _)| hf == name)
+            .map(|(_, g)| g.as_str())
     }
 }
 
@@ -392,7 +448,8 @@ impl TensorSource for GgufTensorSource {
                 None
             };
             if let Some(n) = n {
-                unpermute_rope_rows(&mut t, n).with_context(|| format!("{}: tensor {gguf}", self.file.path().display()))?;
+                unpermute_rope_rows(&mut t, n)
+                    .with_context(|| format!("{}: tensor {gguf}", self.file.path().display()))?;
             }
         }
         Ok(t)
@@ -404,7 +461,7 @@ impl TensorSource for GgufTensorSource {
 pub fn unpermute_rope_rows(t: &mut Tensor, n_head: usize) -> Result<()> {
     let rows = t.shape[0];
     let cols = t.numel() / rows.max(1);
-    if n_head == 0 || rows % n_head != 0 || (rows / n_head) % 2 != 0 {
+    if n_head == 0 || !rows.is_multiple_of(n_head) || !(rows / n_head).is_multiple_of(2) {
         bail!("{rows} rows cannot be split into {n_head} heads of even size");
     }
     let hd = rows / n_head;
@@ -414,7 +471,8 @@ pub fn unpermute_rope_rows(t: &mut Tensor, n_head: usize) -> Result<()> {
             for s in 0..2 {
                 let from = h * hd + 2 * i + s;
                 let to = h * hd + s * (hd / 2) + i;
-                t.data[to * cols..(to + 1) * cols].copy_from_slice(&src[from * cols..(from + 1) * cols]);
+                t.data[to * cols..(to + 1) * cols]
+                    .copy_from_slice(&src[from * cols..(from + 1) * cols]);
             }
         }
     }
@@ -429,9 +487,15 @@ pub fn hf_name(gguf: &str) -> String {
         "output.weight" => return "lm_head.weight".into(),
         _ => {}
     }
-    let Some(rest) = gguf.strip_prefix("blk.") else { return gguf.into() };
-    let Some((layer, tail)) = rest.split_once('.') else { return gguf.into() };
-    let Some((module, suffix)) = tail.split_once('.') else { return gguf.into() };
+    let Some(rest) = gguf.strip_prefix("blk.") else {
+        return gguf.into();
+    };
+    let Some((layer, tail)) = rest.split_once('.') else {
+        return gguf.into();
+    };
+    let Some((module, suffix)) = tail.split_once('.') else {
+        return gguf.into();
+    };
     let hf_module = match module {
         "attn_norm" => "input_layernorm",
         "ffn_norm" => "post_attention_layernorm",
@@ -453,9 +517,18 @@ mod tests {
 
     #[test]
     fn names_map_to_hf() {
-        assert_eq!(hf_name("blk.3.attn_q.weight"), "model.layers.3.self_attn.q_proj.weight");
-        assert_eq!(hf_name("blk.12.ffn_down.weight"), "model.layers.12.mlp.down_proj.weight");
-        assert_eq!(hf_name("blk.0.attn_k.bias"), "model.layers.0.self_attn.k_proj.bias");
+        assert_eq!(
+            hf_name("blk.3.attn_q.weight"),
+            "model.layers.3.self_attn.q_proj.weight"
+        );
+        assert_eq!(
+            hf_name("blk.12.ffn_down.weight"),
+            "model.layers.12.mlp.down_proj.weight"
+        );
+        assert_eq!(
+            hf_name("blk.0.attn_k.bias"),
+            "model.layers.0.self_attn.k_proj.bias"
+        );
         assert_eq!(hf_name("token_embd.weight"), "model.embed_tokens.weight");
         assert_eq!(hf_name("rope_freqs.weight"), "rope_freqs.weight");
     }
@@ -471,11 +544,15 @@ mod tests {
                 for i in 0..hd / 2 {
                     let hf_row = h * hd + s * hd / 2 + i;
                     let gguf_row = h * hd + i * 2 + s;
-                    permuted[gguf_row * cols..][..cols].copy_from_slice(&hf[hf_row * cols..][..cols]);
+                    permuted[gguf_row * cols..][..cols]
+                        .copy_from_slice(&hf[hf_row * cols..][..cols]);
                 }
             }
         }
-        let mut t = Tensor { shape: vec![n_head * hd, cols], data: permuted };
+        let mut t = Tensor {
+            shape: vec![n_head * hd, cols],
+            data: permuted,
+        };
         unpermute_rope_rows(&mut t, n_head).unwrap();
         assert_eq!(t.data, hf);
     }

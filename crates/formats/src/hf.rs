@@ -2,8 +2,8 @@
 //! `model.safetensors.index.json`, `tokenizer.json`. Reading is over mmap; writing produces
 //! what transformers loads, atomically.
 
-use crate::{atomic, Tensor, TensorSource};
-use anyhow::{anyhow, bail, Context, Result};
+use crate::{Tensor, TensorSource, atomic};
+use anyhow::{Context, Result, anyhow, bail};
 use half::{bf16, f16};
 use safetensors::{Dtype, SafeTensors};
 use std::collections::{BTreeMap, HashMap};
@@ -30,7 +30,8 @@ pub struct HfDir {
 }
 
 fn read_json(path: &Path) -> Result<serde_json::Value> {
-    let text = std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
     serde_json::from_str(&text).with_context(|| format!("{} is not valid JSON", path.display()))
 }
 
@@ -46,7 +47,12 @@ impl HfDir {
                 .ok_or_else(|| anyhow!("{}: no weight_map object", index_path.display()))?;
             let mut shards: Vec<String> = Vec::new();
             for file in map.values() {
-                let file = file.as_str().ok_or_else(|| anyhow!("{}: weight_map values must be file names", index_path.display()))?;
+                let file = file.as_str().ok_or_else(|| {
+                    anyhow!(
+                        "{}: weight_map values must be file names",
+                        index_path.display()
+                    )
+                })?;
                 if !shards.iter().any(|s| s == file) {
                     shards.push(file.to_string());
                 }
@@ -55,29 +61,52 @@ impl HfDir {
         } else if dir.join(SINGLE_FILE).exists() {
             vec![SINGLE_FILE.to_string()]
         } else {
-            bail!("{}: neither {SINGLE_FILE} nor {INDEX_FILE} found", dir.display());
+            bail!(
+                "{}: neither {SINGLE_FILE} nor {INDEX_FILE} found",
+                dir.display()
+            );
         };
         let mut files = Vec::new();
         let mut order = Vec::new();
         let mut entries = HashMap::new();
         for (file_idx, shard) in shard_names.iter().enumerate() {
             let path = dir.join(shard);
-            let file = File::open(&path).with_context(|| format!("cannot open {}", path.display()))?;
+            let file =
+                File::open(&path).with_context(|| format!("cannot open {}", path.display()))?;
             // SAFETY: read-only map of a file recoup does not modify while it is mapped.
-            let mmap = unsafe { memmap2::Mmap::map(&file) }.with_context(|| format!("cannot map {}", path.display()))?;
+            let mmap = unsafe { memmap2::Mmap::map(&file) }
+                .with_context(|| format!("cannot map {}", path.display()))?;
             let (header_len, meta) = SafeTensors::read_metadata(&mmap[..])
                 .map_err(|e| anyhow!("{} is not a valid safetensors file: {e}", path.display()))?;
             let data_start = 8 + header_len;
-            let mut named: Vec<(String, &safetensors::tensor::TensorInfo)> = meta.tensors().into_iter().collect();
+            let mut named: Vec<(String, &safetensors::tensor::TensorInfo)> =
+                meta.tensors().into_iter().collect();
             named.sort_by_key(|(_, info)| info.data_offsets.0);
             for (name, info) in named {
-                let range = (data_start + info.data_offsets.0, data_start + info.data_offsets.1);
+                let range = (
+                    data_start + info.data_offsets.0,
+                    data_start + info.data_offsets.1,
+                );
                 order.push(name.clone());
-                entries.insert(name, Entry { file: file_idx, dtype: info.dtype, shape: info.shape.clone(), range });
+                entries.insert(
+                    name,
+                    Entry {
+                        file: file_idx,
+                        dtype: info.dtype,
+                        shape: info.shape.clone(),
+                        range,
+                    },
+                );
             }
             files.push((path, mmap));
         }
-        Ok(Self { dir: dir.to_path_buf(), config, files, order, entries })
+        Ok(Self {
+            dir: dir.to_path_buf(),
+            config,
+            files,
+            order,
+            entries,
+        })
     }
 }
 
@@ -95,16 +124,34 @@ impl TensorSource for HfDir {
     }
 
     fn tensor(&self, name: &str) -> Result<Tensor> {
-        let entry = self.entries.get(name).ok_or_else(|| anyhow!("{}: no tensor {name}", self.dir.display()))?;
+        let entry = self
+            .entries
+            .get(name)
+            .ok_or_else(|| anyhow!("{}: no tensor {name}", self.dir.display()))?;
         let (path, mmap) = &self.files[entry.file];
         let bytes = &mmap[entry.range.0..entry.range.1];
         let data: Vec<f32> = match entry.dtype {
-            Dtype::F32 => bytes.chunks_exact(4).map(|b| f32::from_le_bytes(b.try_into().unwrap())).collect(),
-            Dtype::F16 => bytes.chunks_exact(2).map(|b| f16::from_le_bytes([b[0], b[1]]).to_f32()).collect(),
-            Dtype::BF16 => bytes.chunks_exact(2).map(|b| bf16::from_le_bytes([b[0], b[1]]).to_f32()).collect(),
-            other => bail!("{}: tensor {name} has dtype {other:?}; recoup reads F32, F16 and BF16", path.display()),
+            Dtype::F32 => bytes
+                .chunks_exact(4)
+                .map(|b| f32::from_le_bytes(b.try_into().unwrap()))
+                .collect(),
+            Dtype::F16 => bytes
+                .chunks_exact(2)
+                .map(|b| f16::from_le_bytes([b[0], b[1]]).to_f32())
+                .collect(),
+            Dtype::BF16 => bytes
+                .chunks_exact(2)
+                .map(|b| bf16::from_le_bytes([b[0], b[1]]).to_f32())
+                .collect(),
+            other => bail!(
+                "{}: tensor {name} has dtype {other:?}; recoup reads F32, F16 and BF16",
+                path.display()
+            ),
         };
-        Ok(Tensor { shape: entry.shape.clone(), data })
+        Ok(Tensor {
+            shape: entry.shape.clone(),
+            data,
+        })
     }
 }
 
@@ -115,10 +162,56 @@ pub enum ExportDtype {
     BF16,
 }
 
+/// A tensor encoded in the export precision, waiting for its shard to be written.
+struct Encoded {
+    name: String,
+    shape: Vec<usize>,
+    bytes: Vec<u8>,
+}
+
+impl ExportDtype {
+    fn safetensors(self) -> Dtype {
+        match self {
+            ExportDtype::F32 => Dtype::F32,
+            ExportDtype::BF16 => Dtype::BF16,
+        }
+    }
+
+    fn encode(self, data: &[f32]) -> Vec<u8> {
+        match self {
+            ExportDtype::F32 => data.iter().flat_map(|v| v.to_le_bytes()).collect(),
+            ExportDtype::BF16 => data
+                .iter()
+                .flat_map(|&v| bf16::from_f32(v).to_le_bytes())
+                .collect(),
+        }
+    }
+}
+
+/// Writes one shard as a safetensors file, returning the names it holds.
+fn write_shard(shard: Vec<Encoded>, dtype: ExportDtype, path: &Path) -> Result<Vec<String>> {
+    let views = shard
+        .iter()
+        .map(|t| {
+            Ok((
+                t.name.clone(),
+                safetensors::tensor::TensorView::new(
+                    dtype.safetensors(),
+                    t.shape.clone(),
+                    &t.bytes,
+                )?,
+            ))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let meta = HashMap::from([("format".to_string(), "pt".to_string())]);
+    safetensors::serialize_to_file(views, Some(meta), path)?;
+    Ok(shard.into_iter().map(|t| t.name).collect())
+}
+
 /// Writes an HF model directory atomically: `config.json`, the tensors (one
 /// `model.safetensors`, or shards of at most `shard_bytes` plus the index), and any extra
-/// files (tokenizer). `tensors` yields names in order and `load` produces each one, so only
-/// one shard is held in memory at a time.
+/// files (tokenizer). `load` produces each tensor of `names` in turn, so only one shard is
+/// held in memory at a time.
 pub fn write_hf_dir(
     dest: &Path,
     config: &serde_json::Value,
@@ -133,58 +226,36 @@ pub fn write_hf_dir(
         for (file, text) in extra_files {
             std::fs::write(tmp.join(file), text)?;
         }
-        let mut shards: Vec<Vec<(String, Vec<usize>, Vec<u8>)>> = vec![Vec::new()];
-        let mut shard_size = 0usize;
-        let mut written: Vec<Vec<String>> = Vec::new();
-        let mut total_bytes = 0usize;
-        let flush = |shard: Vec<(String, Vec<usize>, Vec<u8>)>, idx: usize, tmp: &Path| -> Result<Vec<String>> {
-            let views: Vec<(String, safetensors::tensor::TensorView)> = shard
-                .iter()
-                .map(|(n, shape, bytes)| {
-                    let dt = match dtype {
-                        ExportDtype::F32 => Dtype::F32,
-                        ExportDtype::BF16 => Dtype::BF16,
-                    };
-                    Ok((n.clone(), safetensors::tensor::TensorView::new(dt, shape.clone(), bytes)?))
-                })
-                .collect::<Result<_>>()?;
-            let mut meta = HashMap::new();
-            meta.insert("format".to_string(), "pt".to_string());
-            safetensors::serialize_to_file(views, Some(meta), &tmp.join(format!("shard-{idx}.tmp")))?;
-            Ok(shard.into_iter().map(|(n, _, _)| n).collect())
-        };
+        let shard_path = |idx: usize| tmp.join(format!("shard-{idx}.tmp"));
+        let mut shards: Vec<Vec<String>> = Vec::new();
+        let (mut current, mut current_bytes, mut total_bytes) = (Vec::new(), 0usize, 0usize);
         for name in names {
             let t = load(name)?;
-            let bytes: Vec<u8> = match dtype {
-                ExportDtype::F32 => t.data.iter().flat_map(|v| v.to_le_bytes()).collect(),
-                ExportDtype::BF16 => t.data.iter().flat_map(|&v| bf16::from_f32(v).to_le_bytes()).collect(),
-            };
-            if shard_size > 0 && shard_size + bytes.len() > shard_bytes {
-                let shard = std::mem::take(shards.last_mut().unwrap());
-                written.push(flush(shard, written.len(), tmp)?);
-                shard_size = 0;
+            let bytes = dtype.encode(&t.data);
+            if current_bytes > 0 && current_bytes + bytes.len() > shard_bytes {
+                shards.push(write_shard(std::mem::take(&mut current), dtype, &shard_path(shards.len()))?);
+                current_bytes = 0;
             }
-            shard_size += bytes.len();
+            current_bytes += bytes.len();
             total_bytes += bytes.len();
-            shards.last_mut().unwrap().push((name.clone(), t.shape, bytes));
+            current.push(Encoded { name: name.clone(), shape: t.shape, bytes });
         }
-        let last = std::mem::take(shards.last_mut().unwrap());
-        written.push(flush(last, written.len(), tmp)?);
-        let n = written.len();
+        shards.push(write_shard(current, dtype, &shard_path(shards.len()))?);
+        let n = shards.len();
         if n == 1 {
-            std::fs::rename(tmp.join("shard-0.tmp"), tmp.join(SINGLE_FILE))?;
-        } else {
-            let mut weight_map = BTreeMap::new();
-            for (idx, names) in written.iter().enumerate() {
-                let file = format!("model-{:05}-of-{n:05}.safetensors", idx + 1);
-                std::fs::rename(tmp.join(format!("shard-{idx}.tmp")), tmp.join(&file))?;
-                for name in names {
-                    weight_map.insert(name.clone(), file.clone());
-                }
-            }
-            let index = serde_json::json!({ "metadata": { "total_size": total_bytes }, "weight_map": weight_map });
-            std::fs::write(tmp.join(INDEX_FILE), serde_json::to_string_pretty(&index)? + "\n")?;
+            std::fs::rename(shard_path(0), tmp.join(SINGLE_FILE))?;
+            return Ok(());
         }
+        let mut weight_map = BTreeMap::new();
+        for (idx, names) in shards.iter().enumerate() {
+            let file = format!("model-{:05}-of-{n:05}.safetensors", idx + 1);
+            std::fs::rename(shard_path(idx), tmp.join(&file))?;
+            for name in names {
+                weight_map.insert(name.clone(), file.clone());
+            }
+        }
+        let index = serde_json::json!({ "metadata": { "total_size": total_bytes }, "weight_map": weight_map });
+        std::fs::write(tmp.join(INDEX_FILE), serde_json::to_string_pretty(&index)? + "\n")?;
         Ok(())
     })
     .with_context(|| format!("cannot write {}", dest.display()))

@@ -25,7 +25,9 @@ fn dequantization_matches_gguf_py_for_every_type() {
     let fixtures: Vec<Fixture> =
         serde_json::from_str(include_str!("fixtures/ggml_blocks.json")).expect("fixture parses");
     let names: Vec<&str> = fixtures.iter().map(|f| f.ggml_type.as_str()).collect();
-    for want in ["F32", "F16", "BF16", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q4_K", "Q5_K", "Q6_K"] {
+    for want in [
+        "F32", "F16", "BF16", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q4_K", "Q5_K", "Q6_K",
+    ] {
         assert!(names.contains(&want), "fixture lacks {want}");
     }
     for f in &fixtures {
@@ -34,12 +36,27 @@ fn dequantization_matches_gguf_py_for_every_type() {
             .step_by(2)
             .map(|i| u8::from_str_radix(&f.raw_hex[i..i + 2], 16).unwrap())
             .collect();
-        assert_eq!(t.bytes_for(f.expected.len()), Some(raw.len()), "{} block size", t.name());
+        assert_eq!(
+            t.bytes_for(f.expected.len()),
+            Some(raw.len()),
+            "{} block size",
+            t.name()
+        );
         let mut got = vec![0f32; f.expected.len()];
         t.dequantize(&raw, &mut got);
-        assert!(got.iter().any(|&v| v != 0.0), "{}: all-zero blocks prove nothing", t.name());
+        assert!(
+            got.iter().any(|&v| v != 0.0),
+            "{}: all-zero blocks prove nothing",
+            t.name()
+        );
         for (i, (&g, &e)) in got.iter().zip(&f.expected).enumerate() {
-            assert_eq!(g, e as f32, "{} ({}) element {i}: recoup {g}, gguf-py {e}", t.name(), f.origin);
+            assert_eq!(
+                g,
+                e as f32,
+                "{} ({}) element {i}: recoup {g}, gguf-py {e}",
+                t.name(),
+                f.origin
+            );
         }
     }
 }

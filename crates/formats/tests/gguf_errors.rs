@@ -55,9 +55,14 @@ fn every_truncation_is_an_error_naming_the_file() {
     let full = tiny_gguf(8);
     for len in 0..full.len() {
         let (_d, r) = open_bytes(&full[..len]);
-        let err = r.err().unwrap_or_else(|| panic!("truncated to {len} bytes but accepted"));
+        let err = r
+            .err()
+            .unwrap_or_else(|| panic!("truncated to {len} bytes but accepted"));
         assert!(err.contains("model.gguf"), "{err}");
-        assert!(err.contains("truncated") || err.contains("magic") || err.contains("corrupt"), "{err}");
+        assert!(
+            err.contains("truncated") || err.contains("magic") || err.contains("corrupt"),
+            "{err}"
+        );
     }
 }
 

@@ -5,8 +5,8 @@
 //! split over (head, block of query rows); each block reads only the keys it may see, which
 //! halves the work of a full prefill against a dense mask.
 
-use crate::ops::softmax;
 use crate::SharedMut;
+use crate::ops::softmax;
 use gemm::Parallelism;
 use rayon::prelude::*;
 
@@ -19,11 +19,32 @@ pub struct AttentionShape {
 
 const QUERY_BLOCK: usize = 64;
 
-pub fn causal_attention(q: &[f32], k_cache: &[f32], v_cache: &[f32], out: &mut [f32], t: usize, p0: usize, s: AttentionShape) {
-    let (hd, q_stride, kv_stride) = (s.head_dim, s.n_heads * s.head_dim, s.n_kv_heads * s.head_dim);
-    assert!(q.len() >= t * q_stride && out.len() >= t * q_stride, "attention: q/out too small");
-    assert!(k_cache.len() >= (p0 + t) * kv_stride && v_cache.len() >= (p0 + t) * kv_stride, "attention: cache too small");
-    assert!(s.n_heads % s.n_kv_heads == 0, "attention: heads not a multiple of KV heads");
+pub fn causal_attention(
+    q: &[f32],
+    k_cache: &[f32],
+    v_cache: &[f32],
+    out: &mut [f32],
+    t: usize,
+    p0: usize,
+    s: AttentionShape,
+) {
+    let (hd, q_stride, kv_stride) = (
+        s.head_dim,
+        s.n_heads * s.head_dim,
+        s.n_kv_heads * s.head_dim,
+    );
+    assert!(
+        q.len() >= t * q_stride && out.len() >= t * q_stride,
+        "attention: q/out too small"
+    );
+    assert!(
+        k_cache.len() >= (p0 + t) * kv_stride && v_cache.len() >= (p0 + t) * kv_stride,
+        "attention: cache too small"
+    );
+    assert!(
+        s.n_heads.is_multiple_of(s.n_kv_heads),
+        "attention: heads not a multiple of KV heads"
+    );
     let group = s.n_heads / s.n_kv_heads;
     let scale = 1.0 / (hd as f32).sqrt();
     let n_blocks = t.div_ceil(QUERY_BLOCK);
@@ -38,11 +59,25 @@ pub fn causal_attention(q: &[f32], k_cache: &[f32], v_cache: &[f32], out: &mut [
         // SAFETY: bounds asserted above; this task writes only rows r0..r0+rows of head h.
         unsafe {
             gemm::gemm(
-                rows, keys, hd,
-                scores.as_mut_ptr(), 1, keys as isize, false,
-                q.as_ptr().add(r0 * q_stride + h * hd), 1, q_stride as isize,
-                k_cache.as_ptr().add(kvh * hd), kv_stride as isize, 1,
-                0.0, scale, false, false, false, Parallelism::None,
+                rows,
+                keys,
+                hd,
+                scores.as_mut_ptr(),
+                1,
+                keys as isize,
+                false,
+                q.as_ptr().add(r0 * q_stride + h * hd),
+                1,
+                q_stride as isize,
+                k_cache.as_ptr().add(kvh * hd),
+                kv_stride as isize,
+                1,
+                0.0,
+                scale,
+                false,
+                false,
+                false,
+                Parallelism::None,
             );
         }
         for (i, row) in scores.chunks_exact_mut(keys).enumerate() {
@@ -50,22 +85,48 @@ pub fn causal_attention(q: &[f32], k_cache: &[f32], v_cache: &[f32], out: &mut [
             softmax(&mut row[..visible]);
             row[visible..].fill(0.0);
         }
-        let out_ptr = out_ptr;
+        // SAFETY: as above; `out` rows r0..r0+rows of head h belong to this task alone.
         unsafe {
             gemm::gemm(
-                rows, hd, keys,
-                out_ptr.0.add(r0 * q_stride + h * hd), 1, q_stride as isize, false,
-                scores.as_ptr(), 1, keys as isize,
-                v_cache.as_ptr().add(kvh * hd), 1, kv_stride as isize,
-                0.0, 1.0, false, false, false, Parallelism::None,
+                rows,
+                hd,
+                keys,
+                out_ptr.get().add(r0 * q_stride + h * hd),
+                1,
+                q_stride as isize,
+                false,
+                scores.as_ptr(),
+                1,
+                keys as isize,
+                v_cache.as_ptr().add(kvh * hd),
+                1,
+                kv_stride as isize,
+                0.0,
+                1.0,
+                false,
+                false,
+                false,
+                Parallelism::None,
             );
         }
     });
 }
 
 /// Scalar reference for [`causal_attention`], one query at a time, in f64.
-pub fn causal_attention_reference(q: &[f32], k_cache: &[f32], v_cache: &[f32], out: &mut [f32], t: usize, p0: usize, s: AttentionShape) {
-    let (hd, q_stride, kv_stride) = (s.head_dim, s.n_heads * s.head_dim, s.n_kv_heads * s.head_dim);
+pub fn causal_attention_reference(
+    q: &[f32],
+    k_cache: &[f32],
+    v_cache: &[f32],
+    out: &mut [f32],
+    t: usize,
+    p0: usize,
+    s: AttentionShape,
+) {
+    let (hd, q_stride, kv_stride) = (
+        s.head_dim,
+        s.n_heads * s.head_dim,
+        s.n_kv_heads * s.head_dim,
+    );
     let group = s.n_heads / s.n_kv_heads;
     for i in 0..t {
         for h in 0..s.n_heads {
@@ -75,14 +136,20 @@ pub fn causal_attention_reference(q: &[f32], k_cache: &[f32], v_cache: &[f32], o
             let logits: Vec<f64> = (0..visible)
                 .map(|j| {
                     let kv = &k_cache[j * kv_stride + kvh * hd..][..hd];
-                    qv.iter().zip(kv).map(|(&a, &b)| a as f64 * b as f64).sum::<f64>() / (hd as f64).sqrt()
+                    qv.iter()
+                        .zip(kv)
+                        .map(|(&a, &b)| a as f64 * b as f64)
+                        .sum::<f64>()
+                        / (hd as f64).sqrt()
                 })
                 .collect();
             let max = logits.iter().copied().fold(f64::NEG_INFINITY, f64::max);
             let weights: Vec<f64> = logits.iter().map(|l| (l - max).exp()).collect();
             let total: f64 = weights.iter().sum();
             for c in 0..hd {
-                let acc: f64 = (0..visible).map(|j| weights[j] * v_cache[j * kv_stride + kvh * hd + c] as f64).sum();
+                let acc: f64 = (0..visible)
+                    .map(|j| weights[j] * v_cache[j * kv_stride + kvh * hd + c] as f64)
+                    .sum();
                 out[i * q_stride + h * hd + c] = (acc / total) as f32;
             }
         }
@@ -97,11 +164,16 @@ mod tests {
     #[test]
     fn matches_reference_for_prefill_and_decode() {
         let mut rng = rand::rngs::StdRng::seed_from_u64(3);
-        let s = AttentionShape { n_heads: 6, n_kv_heads: 2, head_dim: 16 };
+        let s = AttentionShape {
+            n_heads: 6,
+            n_kv_heads: 2,
+            head_dim: 16,
+        };
         // (new positions, cached positions before them): prefill spanning blocks, decode.
         for &(t, p0) in &[(150usize, 0usize), (1, 99), (7, 40)] {
             let total = p0 + t;
-            let mut rand_vec = |n: usize| -> Vec<f32> { (0..n).map(|_| rng.random_range(-2.0..2.0)).collect() };
+            let mut rand_vec =
+                |n: usize| -> Vec<f32> { (0..n).map(|_| rng.random_range(-2.0..2.0)).collect() };
             let q = rand_vec(t * 96);
             let k = rand_vec(total * 32);
             let v = rand_vec(total * 32);

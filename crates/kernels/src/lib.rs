@@ -8,6 +8,13 @@ pub mod ops;
 /// A raw pointer that rayon tasks may share when each writes a disjoint region.
 #[derive(Clone, Copy)]
 pub(crate) struct SharedMut(pub *mut f32);
+
+impl SharedMut {
+    /// Through a method, so closures capture the whole (Send + Sync) wrapper, not the field.
+    pub(crate) fn get(self) -> *mut f32 {
+        self.0
+    }
+}
 // SAFETY: users guarantee that concurrent tasks write disjoint elements.
 unsafe impl Send for SharedMut {}
 unsafe impl Sync for SharedMut {}

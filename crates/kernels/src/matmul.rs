@@ -17,7 +17,10 @@ fn parallelism(flops: usize) -> Parallelism {
 
 /// `y[n×m] = x[n×k] · w[m×k]ᵀ` (overwrites `y`).
 pub fn matmul_wt(x: &[f32], w: &[f32], y: &mut [f32], n: usize, k: usize, m: usize) {
-    assert!(x.len() >= n * k && w.len() >= m * k && y.len() >= n * m, "matmul_wt: buffers too small");
+    assert!(
+        x.len() >= n * k && w.len() >= m * k && y.len() >= n * m,
+        "matmul_wt: buffers too small"
+    );
     if n == 0 || m == 0 {
         return;
     }
@@ -56,7 +59,9 @@ pub fn matmul_wt(x: &[f32], w: &[f32], y: &mut [f32], n: usize, k: usize, m: usi
 pub fn matmul_wt_reference(x: &[f32], w: &[f32], y: &mut [f32], n: usize, k: usize, m: usize) {
     for i in 0..n {
         for j in 0..m {
-            let dot: f64 = (0..k).map(|c| x[i * k + c] as f64 * w[j * k + c] as f64).sum();
+            let dot: f64 = (0..k)
+                .map(|c| x[i * k + c] as f64 * w[j * k + c] as f64)
+                .sum();
             y[i * m + j] = dot as f32;
         }
     }
@@ -70,14 +75,23 @@ mod tests {
     #[test]
     fn matches_reference_on_random_shapes() {
         let mut rng = rand::rngs::StdRng::seed_from_u64(7);
-        for &(n, k, m) in &[(1, 576, 192), (3, 17, 5), (37, 576, 1536), (64, 896, 128), (1, 1, 1)] {
+        for &(n, k, m) in &[
+            (1, 576, 192),
+            (3, 17, 5),
+            (37, 576, 1536),
+            (64, 896, 128),
+            (1, 1, 1),
+        ] {
             let x: Vec<f32> = (0..n * k).map(|_| rng.random_range(-1.0..1.0)).collect();
             let w: Vec<f32> = (0..m * k).map(|_| rng.random_range(-1.0..1.0)).collect();
             let (mut fast, mut slow) = (vec![0f32; n * m], vec![0f32; n * m]);
             matmul_wt(&x, &w, &mut fast, n, k, m);
             matmul_wt_reference(&x, &w, &mut slow, n, k, m);
             for (a, b) in fast.iter().zip(&slow) {
-                assert!((a - b).abs() <= 1e-4 * (k as f32).sqrt(), "({n},{k},{m}): {a} vs {b}");
+                assert!(
+                    (a - b).abs() <= 1e-4 * (k as f32).sqrt(),
+                    "({n},{k},{m}): {a} vs {b}"
+                );
             }
         }
     }

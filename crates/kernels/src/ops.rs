@@ -66,7 +66,10 @@ impl RopeTable {
     pub fn apply(&self, rows: &mut [f32], n_heads: usize, head_dim: usize) {
         let half = self.half;
         for (t, row) in rows.chunks_exact_mut(n_heads * head_dim).enumerate() {
-            let (cos, sin) = (&self.cos[t * half..(t + 1) * half], &self.sin[t * half..(t + 1) * half]);
+            let (cos, sin) = (
+                &self.cos[t * half..(t + 1) * half],
+                &self.sin[t * half..(t + 1) * half],
+            );
             for head in row.chunks_exact_mut(head_dim) {
                 for i in 0..half {
                     let (a, b) = (head[i], head[i + half]);
@@ -84,7 +87,9 @@ mod tests {
 
     #[test]
     fn rope_rotates_pairs_and_keeps_norm() {
-        let inv: Vec<f64> = (0..2).map(|i| 1.0 / 10000f64.powf(2.0 * i as f64 / 4.0)).collect();
+        let inv: Vec<f64> = (0..2)
+            .map(|i| 1.0 / 10000f64.powf(2.0 * i as f64 / 4.0))
+            .collect();
         let table = RopeTable::new(&inv, 3, 1);
         let mut row = vec![1.0, 2.0, 3.0, 4.0];
         table.apply(&mut row, 1, 4);

@@ -1,17 +1,24 @@
 //! Chat templates (Jinja, as shipped in GGUF metadata and tokenizer_config.json), rendered
 //! with minijinja and Python-compatible string methods.
 
-use anyhow::{anyhow, Result};
+use anyhow::{Result, anyhow};
 use serde_json::json;
 
 /// The prompt for one user message, ending where the assistant's reply begins.
 pub fn render_user_prompt(template: &str, user: &str, bos: &str, eos: &str) -> Result<String> {
     let mut env = minijinja::Environment::new();
     env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
-    env.add_function("raise_exception", |msg: String| -> Result<String, minijinja::Error> {
-        Err(minijinja::Error::new(minijinja::ErrorKind::InvalidOperation, msg))
-    });
-    env.add_template("chat", template).map_err(|e| anyhow!("the model's chat template does not parse: {e}"))?;
+    env.add_function(
+        "raise_exception",
+        |msg: String| -> Result<String, minijinja::Error> {
+            Err(minijinja::Error::new(
+                minijinja::ErrorKind::InvalidOperation,
+                msg,
+            ))
+        },
+    );
+    env.add_template("chat", template)
+        .map_err(|e| anyhow!("the model's chat template does not parse: {e}"))?;
     let ctx = json!({
         "messages": [{"role": "user", "content": user}],
         "add_generation_prompt": true,

@@ -1,9 +1,9 @@
 //! Model hyper-parameters, read from GGUF metadata or a Hugging Face `config.json`, and
 //! written back as the latter.
 
-use anyhow::{anyhow, bail, Context, Result};
+use anyhow::{Context, Result, anyhow, bail};
 use recoup_formats::gguf::GgufFile;
-use serde_json::{json, Value};
+use serde_json::{Value, json};
 use std::path::Path;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -72,19 +72,30 @@ impl ModelConfig {
 
     fn validate(self, origin: &Path) -> Result<Self> {
         let bad = |what: String| Err(anyhow!("{}: {what}", origin.display()));
-        if self.hidden_size == 0 || self.n_layers == 0 || self.n_heads == 0 || self.vocab_size == 0 {
+        if self.hidden_size == 0 || self.n_layers == 0 || self.n_heads == 0 || self.vocab_size == 0
+        {
             return bad("hidden size, layers, heads and vocabulary must all be positive".into());
         }
-        if self.n_kv_heads == 0 || self.n_heads % self.n_kv_heads != 0 {
-            return bad(format!("{} heads is not a multiple of {} KV heads", self.n_heads, self.n_kv_heads));
+        if self.n_kv_heads == 0 || !self.n_heads.is_multiple_of(self.n_kv_heads) {
+            return bad(format!(
+                "{} heads is not a multiple of {} KV heads",
+                self.n_heads, self.n_kv_heads
+            ));
         }
-        if self.head_dim % 2 != 0 {
-            return bad(format!("head dimension {} is odd; RoPE needs pairs", self.head_dim));
+        if !self.head_dim.is_multiple_of(2) {
+            return bad(format!(
+                "head dimension {} is odd; RoPE needs pairs",
+                self.head_dim
+            ));
         }
         if let Some(f) = &self.rope_freq_factors
             && f.len() != self.head_dim / 2
         {
-            return bad(format!("{} RoPE frequency factors for head dimension {}", f.len(), self.head_dim));
+            return bad(format!(
+                "{} RoPE frequency factors for head dimension {}",
+                f.len(),
+                self.head_dim
+            ));
         }
         Ok(self)
     }
@@ -104,12 +115,25 @@ impl ModelConfig {
         let u = |k: &str| file.get_u64(&key(k)).map(|v| v as usize);
         let hidden_size = u("embedding_length")?;
         let n_heads = u("attention.head_count")?;
-        let n_kv_heads = if file.get(&key("attention.head_count_kv")).is_some() { u("attention.head_count_kv")? } else { n_heads };
-        let head_dim = if file.get(&key("attention.key_length")).is_some() { u("attention.key_length")? } else { hidden_size / n_heads };
-        if let Some(rot) = file.get(&key("rope.dimension_count")).and_then(|v| v.as_u64())
+        let n_kv_heads = if file.get(&key("attention.head_count_kv")).is_some() {
+            u("attention.head_count_kv")?
+        } else {
+            n_heads
+        };
+        let head_dim = if file.get(&key("attention.key_length")).is_some() {
+            u("attention.key_length")?
+        } else {
+            hidden_size / n_heads
+        };
+        if let Some(rot) = file
+            .get(&key("rope.dimension_count"))
+            .and_then(|v| v.as_u64())
             && rot as usize != head_dim
         {
-            bail!("{}: partial rotary embeddings ({rot} of {head_dim} dims) are not supported", file.path().display());
+            bail!(
+                "{}: partial rotary embeddings ({rot} of {head_dim} dims) are not supported",
+                file.path().display()
+            );
         }
         let vocab_size = match file.get(&key("vocab_size")) {
             Some(_) => u("vocab_size")?,
@@ -120,7 +144,10 @@ impl ModelConfig {
             Some(_) => match file.get_str(&key("rope.scaling.type"))? {
                 "none" => 1.0,
                 "linear" => file.get_f64(&key("rope.scaling.factor"))?,
-                other => bail!("{}: RoPE scaling '{other}' is not supported", file.path().display()),
+                other => bail!(
+                    "{}: RoPE scaling '{other}' is not supported",
+                    file.path().display()
+                ),
             },
         };
         let token_id = |k: &str| file.get(k).and_then(|v| v.as_u64()).map(|v| v as u32);
@@ -134,7 +161,11 @@ impl ModelConfig {
             head_dim,
             vocab_size,
             rms_eps: file.get_f64(&key("attention.layer_norm_rms_epsilon"))? as f32,
-            rope_theta: if file.get(&key("rope.freq_base")).is_some() { file.get_f64(&key("rope.freq_base"))? } else { 10000.0 },
+            rope_theta: if file.get(&key("rope.freq_base")).is_some() {
+                file.get_f64(&key("rope.freq_base"))?
+            } else {
+                10000.0
+            },
             rope_linear_factor,
             rope_freq_factors: rope_freqs.map(|f| f.into_iter().map(f64::from).collect()),
             max_position: u("context_length")?,
@@ -176,9 +207,16 @@ impl ModelConfig {
         let rope_theta = get("rope_theta").and_then(Value::as_f64).unwrap_or(10000.0);
         let (mut rope_linear_factor, mut rope_freq_factors) = (1.0, None);
         if let Some(scaling) = get("rope_scaling") {
-            let kind = scaling.get("rope_type").or_else(|| scaling.get("type")).and_then(Value::as_str).unwrap_or("default");
+            let kind = scaling
+                .get("rope_type")
+                .or_else(|| scaling.get("type"))
+                .and_then(Value::as_str)
+                .unwrap_or("default");
             let num = |k: &str| {
-                scaling.get(k).and_then(Value::as_f64).ok_or_else(|| anyhow!("{}: rope_scaling lacks '{k}'", origin.display()))
+                scaling
+                    .get(k)
+                    .and_then(Value::as_f64)
+                    .ok_or_else(|| anyhow!("{}: rope_scaling lacks '{k}'", origin.display()))
             };
             match kind {
                 "default" => {}
@@ -193,10 +231,17 @@ impl ModelConfig {
                         num("original_max_position_embeddings")?,
                     ))
                 }
-                other => bail!("{}: RoPE scaling '{other}' is not supported", origin.display()),
+                other => bail!(
+                    "{}: RoPE scaling '{other}' is not supported",
+                    origin.display()
+                ),
             }
         }
-        let token = |k: &str| get(k).and_then(|v| v.as_u64().or_else(|| v.get(0).and_then(Value::as_u64))).map(|v| v as u32);
+        let token = |k: &str| {
+            get(k)
+                .and_then(|v| v.as_u64().or_else(|| v.get(0).and_then(Value::as_u64)))
+                .map(|v| v as u32)
+        };
         ModelConfig {
             arch,
             hidden_size,
@@ -213,8 +258,12 @@ impl ModelConfig {
             rope_theta,
             rope_linear_factor,
             rope_freq_factors,
-            max_position: get("max_position_embeddings").and_then(Value::as_u64).unwrap_or(2048) as usize,
-            tie_embeddings: get("tie_word_embeddings").and_then(Value::as_bool).unwrap_or(false),
+            max_position: get("max_position_embeddings")
+                .and_then(Value::as_u64)
+                .unwrap_or(2048) as usize,
+            tie_embeddings: get("tie_word_embeddings")
+                .and_then(Value::as_bool)
+                .unwrap_or(false),
             bos_token_id: token("bos_token_id"),
             eos_token_id: token("eos_token_id"),
         }
@@ -224,7 +273,9 @@ impl ModelConfig {
     /// The Hugging Face `config.json` transformers needs to load this model.
     pub fn to_hf(&self) -> Result<Value> {
         if self.rope_freq_factors.is_some() {
-            bail!("RoPE frequency factors (Llama 3 scaling from a GGUF rope_freqs tensor) have no exact config.json form");
+            bail!(
+                "RoPE frequency factors (Llama 3 scaling from a GGUF rope_freqs tensor) have no exact config.json form"
+            );
         }
         let mut config = json!({
             "architectures": [self.arch.hf_class()],
@@ -246,7 +297,8 @@ impl ModelConfig {
             "eos_token_id": self.eos_token_id,
         });
         if self.rope_linear_factor != 1.0 {
-            config["rope_scaling"] = json!({ "rope_type": "linear", "factor": self.rope_linear_factor });
+            config["rope_scaling"] =
+                json!({ "rope_type": "linear", "factor": self.rope_linear_factor });
         }
         if self.arch == Arch::Llama {
             config["attention_bias"] = json!(false);
@@ -258,7 +310,14 @@ impl ModelConfig {
 
 /// Llama 3.1's frequency-dependent RoPE scaling, as per-pair divisors (transformers'
 /// `_compute_llama3_parameters`).
-fn llama3_freq_factors(theta: f64, head_dim: usize, factor: f64, low: f64, high: f64, original_ctx: f64) -> Vec<f64> {
+fn llama3_freq_factors(
+    theta: f64,
+    head_dim: usize,
+    factor: f64,
+    low: f64,
+    high: f64,
+    original_ctx: f64,
+) -> Vec<f64> {
     let (low_wavelen, high_wavelen) = (original_ctx / low, original_ctx / high);
     (0..head_dim / 2)
         .map(|i| {
@@ -279,7 +338,8 @@ fn llama3_freq_factors(theta: f64, head_dim: usize, factor: f64, low: f64, high:
 /// Reads a Hugging Face `config.json` file.
 pub fn read_hf_config(dir: &Path) -> Result<Value> {
     let path = dir.join("config.json");
-    let text = std::fs::read_to_string(&path).with_context(|| format!("cannot read {}", path.display()))?;
+    let text = std::fs::read_to_string(&path)
+        .with_context(|| format!("cannot read {}", path.display()))?;
     serde_json::from_str(&text).with_context(|| format!("{} is not valid JSON", path.display()))
 }
 
@@ -305,15 +365,22 @@ mod tests {
     fn missing_key_is_named() {
         let mut v = smollm_like();
         v.as_object_mut().unwrap().remove("intermediate_size");
-        let err = ModelConfig::from_hf(&v, Path::new("dir")).unwrap_err().to_string();
-        assert!(err.contains("intermediate_size") && err.contains("dir/config.json"), "{err}");
+        let err = ModelConfig::from_hf(&v, Path::new("dir"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("intermediate_size") && err.contains("dir/config.json"),
+            "{err}"
+        );
     }
 
     #[test]
     fn unsupported_architecture_is_named() {
         let mut v = smollm_like();
         v["architectures"] = json!(["GPT2LMHeadModel"]);
-        let err = ModelConfig::from_hf(&v, Path::new("dir")).unwrap_err().to_string();
+        let err = ModelConfig::from_hf(&v, Path::new("dir"))
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("GPT2LMHeadModel"), "{err}");
     }
 

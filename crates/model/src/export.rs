@@ -2,22 +2,35 @@
 
 use crate::load::Opened;
 use anyhow::Result;
-use recoup_formats::hf::{write_hf_dir, ExportDtype};
+use recoup_formats::hf::{ExportDtype, write_hf_dir};
 use std::path::Path;
 
 /// Writes `opened` to `dest` (atomically): config.json, safetensors shards of at most
 /// `max_shard_bytes`, tokenizer.json and tokenizer_config.json. `on_tensor` is called once
 /// per tensor, for progress.
-pub fn export_hf(opened: &Opened, dest: &Path, dtype: ExportDtype, max_shard_bytes: usize, on_tensor: &(dyn Fn() + Sync)) -> Result<usize> {
+pub fn export_hf(
+    opened: &Opened,
+    dest: &Path,
+    dtype: ExportDtype,
+    max_shard_bytes: usize,
+    on_tensor: &(dyn Fn() + Sync),
+) -> Result<usize> {
     let config = opened.config.to_hf()?;
     let tk = &opened.tokenizer;
     let extra = vec![
         ("tokenizer.json".to_string(), tk.to_json()?),
-        ("tokenizer_config.json".to_string(), serde_json::to_string_pretty(&tk.hf_tokenizer_config())? + "\n"),
+        (
+            "tokenizer_config.json".to_string(),
+            serde_json::to_string_pretty(&tk.hf_tokenizer_config())? + "\n",
+        ),
     ];
     // Only the tensors a transformers model has (GGUF extras such as rope_freqs are not).
-    let names: Vec<String> =
-        opened.source.names().into_iter().filter(|n| n.starts_with("model.") || n == "lm_head.weight").collect();
+    let names: Vec<String> = opened
+        .source
+        .names()
+        .into_iter()
+        .filter(|n| n.starts_with("model.") || n == "lm_head.weight")
+        .collect();
     let source = opened.source.as_ref();
     let load = |name: &str| {
         on_tensor();

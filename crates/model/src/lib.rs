@@ -15,5 +15,5 @@ pub mod tokenizer;
 pub use config::{Arch, ModelConfig};
 pub use kv_cache::KvCache;
 pub use llama::Model;
-pub use load::{load, Loaded};
+pub use load::{Loaded, load};
 pub use tokenizer::Tokenizer;

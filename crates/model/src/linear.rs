@@ -26,7 +26,11 @@ pub struct DenseF32 {
 impl DenseF32 {
     pub fn new(weight: Arc<Vec<f32>>, out_features: usize, in_features: usize) -> Self {
         assert_eq!(weight.len(), out_features * in_features, "DenseF32 shape");
-        Self { weight, out_features, in_features }
+        Self {
+            weight,
+            out_features,
+            in_features,
+        }
     }
 
     pub fn weight(&self) -> &[f32] {

@@ -4,10 +4,10 @@
 use crate::config::ModelConfig;
 use crate::kv_cache::KvCache;
 use crate::linear::{DenseF32, Linear};
-use anyhow::{anyhow, bail, Result};
+use anyhow::{Result, anyhow, bail};
 use recoup_formats::TensorSource;
-use recoup_kernels::attention::{causal_attention, AttentionShape};
-use recoup_kernels::ops::{rms_norm, silu_mul, RopeTable};
+use recoup_kernels::attention::{AttentionShape, causal_attention};
+use recoup_kernels::ops::{RopeTable, rms_norm, silu_mul};
 use std::sync::Arc;
 
 pub struct Block {
@@ -45,7 +45,11 @@ impl Reader<'_> {
     fn get(&self, name: &str, shape: &[usize]) -> Result<Vec<f32>> {
         let t = self.source.tensor(name)?;
         if t.shape.as_slice() != shape {
-            bail!("{}: tensor {name} has shape {:?}, the config implies {shape:?}", self.source.path().display(), t.shape);
+            bail!(
+                "{}: tensor {name} has shape {:?}, the config implies {shape:?}",
+                self.source.path().display(),
+                t.shape
+            );
         }
         Ok(t.data)
     }
@@ -53,8 +57,15 @@ impl Reader<'_> {
     fn linear(&self, prefix: &str, out: usize, inp: usize) -> Result<Linear> {
         let w = self.get(&format!("{prefix}.weight"), &[out, inp])?;
         let bias_name = format!("{prefix}.bias");
-        let bias = if self.source.contains(&bias_name) { Some(self.get(&bias_name, &[out])?) } else { None };
-        Ok(Linear::new(Box::new(DenseF32::new(Arc::new(w), out, inp)), bias))
+        let bias = if self.source.contains(&bias_name) {
+            Some(self.get(&bias_name, &[out])?)
+        } else {
+            None
+        };
+        Ok(Linear::new(
+            Box::new(DenseF32::new(Arc::new(w), out, inp)),
+            bias,
+        ))
     }
 }
 
@@ -82,12 +93,22 @@ impl Model {
         }
         let norm = r.get("model.norm.weight", &[d])?;
         let lm_head = if c.tie_embeddings {
-            Linear::new(Box::new(DenseF32::new(embed.clone(), c.vocab_size, d)), None)
+            Linear::new(
+                Box::new(DenseF32::new(embed.clone(), c.vocab_size, d)),
+                None,
+            )
         } else {
             r.linear("lm_head", c.vocab_size, d)?
         };
         let inv_freq = config.rope_inv_freq();
-        Ok(Self { config, embed, blocks, norm, lm_head, inv_freq })
+        Ok(Self {
+            config,
+            embed,
+            blocks,
+            norm,
+            lm_head,
+            inv_freq,
+        })
     }
 
     /// Runs `tokens` at the positions after those in `cache`, appends them to the cache, and
@@ -96,14 +117,23 @@ impl Model {
         let c = &self.config;
         let (t, d, p0) = (tokens.len(), c.hidden_size, cache.len());
         if p0 + t > cache.capacity() {
-            bail!("{} positions exceed the KV cache's {}", p0 + t, cache.capacity());
+            bail!(
+                "{} positions exceed the KV cache's {}",
+                p0 + t,
+                cache.capacity()
+            );
         }
         let mut x = Vec::with_capacity(t * d);
         for &tok in tokens {
             let row = self
                 .embed
                 .get(tok as usize * d..(tok as usize + 1) * d)
-                .ok_or_else(|| anyhow!("token id {tok} is outside the vocabulary of {}", c.vocab_size))?;
+                .ok_or_else(|| {
+                    anyhow!(
+                        "token id {tok} is outside the vocabulary of {}",
+                        c.vocab_size
+                    )
+                })?;
             x.extend_from_slice(row);
         }
         let rope = RopeTable::new(&self.inv_freq, p0, t);
@@ -116,7 +146,15 @@ impl Model {
         Ok(out)
     }
 
-    fn block_forward(&self, layer: usize, b: &Block, x: &mut [f32], t: usize, cache: &mut KvCache, rope: &RopeTable) {
+    fn block_forward(
+        &self,
+        layer: usize,
+        b: &Block,
+        x: &mut [f32],
+        t: usize,
+        cache: &mut KvCache,
+        rope: &RopeTable,
+    ) {
         let c = &self.config;
         let mut h = vec![0f32; x.len()];
         rms_norm(x, &b.attn_norm, c.rms_eps, &mut h);
@@ -127,8 +165,20 @@ impl Model {
         rope.apply(&mut k, c.n_kv_heads, c.head_dim);
         cache.write(layer, &k, &v, t);
         let mut attn = vec![0f32; t * c.q_dim()];
-        let shape = AttentionShape { n_heads: c.n_heads, n_kv_heads: c.n_kv_heads, head_dim: c.head_dim };
-        causal_attention(&q, &cache.k[layer], &cache.v[layer], &mut attn, t, cache.len(), shape);
+        let shape = AttentionShape {
+            n_heads: c.n_heads,
+            n_kv_heads: c.n_kv_heads,
+            head_dim: c.head_dim,
+        };
+        causal_attention(
+            &q,
+            &cache.k[layer],
+            &cache.v[layer],
+            &mut attn,
+            t,
+            cache.len(),
+            shape,
+        );
         let o = b.o.forward(&attn, t);
         x.iter_mut().zip(&o).for_each(|(a, b)| *a += b);
         rms_norm(x, &b.ffn_norm, c.rms_eps, &mut h);
@@ -161,7 +211,11 @@ impl Model {
             .flat_map(|b| [&b.q, &b.k, &b.v, &b.o, &b.gate, &b.up, &b.down])
             .map(|l| l.op.in_features() * l.op.out_features())
             .sum();
-        let head = if self.config.tie_embeddings { 0 } else { self.config.vocab_size * self.config.hidden_size };
+        let head = if self.config.tie_embeddings {
+            0
+        } else {
+            self.config.vocab_size * self.config.hidden_size
+        };
         linears + self.embed.len() + head
     }
 

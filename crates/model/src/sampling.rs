@@ -11,7 +11,11 @@ pub struct Sampler {
 
 impl Sampler {
     pub fn new(temperature: f32, top_p: f32, seed: u64) -> Self {
-        Self { temperature, top_p, rng: rand::rngs::StdRng::seed_from_u64(seed) }
+        Self {
+            temperature,
+            top_p,
+            rng: rand::rngs::StdRng::seed_from_u64(seed),
+        }
     }
 
     pub fn sample(&mut self, logits: &[f32]) -> u32 {
@@ -19,8 +23,11 @@ impl Sampler {
             return argmax(logits);
         }
         let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-        let mut probs: Vec<(u32, f32)> =
-            logits.iter().enumerate().map(|(i, &l)| (i as u32, ((l - max) / self.temperature).exp())).collect();
+        let mut probs: Vec<(u32, f32)> = logits
+            .iter()
+            .enumerate()
+            .map(|(i, &l)| (i as u32, ((l - max) / self.temperature).exp()))
+            .collect();
         let total: f32 = probs.iter().map(|p| p.1).sum();
         probs.iter_mut().for_each(|p| p.1 /= total);
         probs.sort_unstable_by(|a, b| b.1.total_cmp(&a.1));

@@ -2,12 +2,12 @@
 //! or a byte-level BPE built from a GGUF's `tokenizer.ggml.*` metadata with the family's
 //! pre-tokenizer (the regexes llama.cpp uses for `smollm`, `qwen2`, `llama-bpe`, `gpt2`).
 
-use anyhow::{anyhow, bail, Context, Result};
+use anyhow::{Context, Result, anyhow, bail};
 use recoup_formats::gguf::GgufFile;
 use serde_json::Value;
 use std::path::Path;
 use tokenizers::decoders::byte_level::ByteLevel as ByteLevelDecoder;
-use tokenizers::models::bpe::{Vocab, BPE};
+use tokenizers::models::bpe::{BPE, Vocab};
 use tokenizers::pre_tokenizers::byte_level::ByteLevel;
 use tokenizers::pre_tokenizers::digits::Digits;
 use tokenizers::pre_tokenizers::sequence::Sequence;
@@ -43,9 +43,15 @@ impl Tokenizer {
         let path = file.path().display();
         let model = file.get_str("tokenizer.ggml.model")?;
         if model != "gpt2" {
-            bail!("{path}: tokenizer model '{model}' is not supported (recoup builds byte-level BPE, 'gpt2', from GGUF)");
+            bail!(
+                "{path}: tokenizer model '{model}' is not supported (recoup builds byte-level BPE, 'gpt2', from GGUF)"
+            );
         }
-        let pre = file.get("tokenizer.ggml.pre").map(|_| file.get_str("tokenizer.ggml.pre")).transpose()?.unwrap_or("default");
+        let pre = file
+            .get("tokenizer.ggml.pre")
+            .map(|_| file.get_str("tokenizer.ggml.pre"))
+            .transpose()?
+            .unwrap_or("default");
         let tokens = file.get_str_array("tokenizer.ggml.tokens")?;
         let types: Vec<i64> = match file.get("tokenizer.ggml.token_type") {
             Some(_) => file
@@ -56,7 +62,11 @@ impl Tokenizer {
             None => vec![1; tokens.len()],
         };
         if types.len() != tokens.len() {
-            bail!("{path}: {} token types for {} tokens", types.len(), tokens.len());
+            bail!(
+                "{path}: {} token types for {} tokens",
+                types.len(),
+                tokens.len()
+            );
         }
         let merges = file
             .get_str_array("tokenizer.ggml.merges")?
@@ -71,7 +81,8 @@ impl Tokenizer {
         for (id, tok) in tokens.iter().enumerate() {
             vocab.insert(tok.to_string(), id as u32);
         }
-        let (pre_tokenizer, ignore_merges, default_add_bos) = pre_tokenizer_for(pre).with_context(|| format!("{path}"))?;
+        let (pre_tokenizer, ignore_merges, default_add_bos) =
+            pre_tokenizer_for(pre).with_context(|| format!("{path}"))?;
         let bpe = BPE::builder()
             .vocab_and_merges(vocab, merges)
             .ignore_merges(ignore_merges)
@@ -94,34 +105,53 @@ impl Tokenizer {
             Some(_) => file.get_bool("tokenizer.ggml.add_bos_token")?,
             None => default_add_bos,
         };
-        let chat_template = file.get("tokenizer.chat_template").map(|_| file.get_str("tokenizer.chat_template").map(String::from)).transpose()?;
-        Ok(Self { inner, bos: id("tokenizer.ggml.bos_token_id"), eos: id("tokenizer.ggml.eos_token_id"), add_bos, chat_template })
+        let chat_template = file
+            .get("tokenizer.chat_template")
+            .map(|_| file.get_str("tokenizer.chat_template").map(String::from))
+            .transpose()?;
+        Ok(Self {
+            inner,
+            bos: id("tokenizer.ggml.bos_token_id"),
+            eos: id("tokenizer.ggml.eos_token_id"),
+            add_bos,
+            chat_template,
+        })
     }
 
     /// Loads `tokenizer.json` (and `tokenizer_config.json` for BOS/EOS, `add_bos_token` and
     /// the chat template) from a Hugging Face directory.
     pub fn from_hf_dir(dir: &Path, config: &Value) -> Result<Self> {
         let path = dir.join("tokenizer.json");
-        let inner = tokenizers::Tokenizer::from_file(&path).map_err(|e| anyhow!("cannot load {}: {e}", path.display()))?;
+        let inner = tokenizers::Tokenizer::from_file(&path)
+            .map_err(|e| anyhow!("cannot load {}: {e}", path.display()))?;
         let tk_config_path = dir.join("tokenizer_config.json");
         let tk_config: Value = if tk_config_path.exists() {
             let text = std::fs::read_to_string(&tk_config_path)?;
-            serde_json::from_str(&text).with_context(|| format!("{} is not valid JSON", tk_config_path.display()))?
+            serde_json::from_str(&text)
+                .with_context(|| format!("{} is not valid JSON", tk_config_path.display()))?
         } else {
             Value::Null
         };
         // Special tokens are named either as strings or as {"content": …} objects.
         let token_id = |key: &str| {
             let v = tk_config.get(key)?;
-            let text = v.as_str().or_else(|| v.get("content").and_then(Value::as_str))?;
+            let text = v
+                .as_str()
+                .or_else(|| v.get("content").and_then(Value::as_str))?;
             inner.token_to_id(text)
         };
         let config_id = |key: &str| config.get(key).and_then(Value::as_u64).map(|v| v as u32);
         Ok(Self {
             bos: token_id("bos_token").or_else(|| config_id("bos_token_id")),
             eos: token_id("eos_token").or_else(|| config_id("eos_token_id")),
-            add_bos: tk_config.get("add_bos_token").and_then(Value::as_bool).unwrap_or(false),
-            chat_template: tk_config.get("chat_template").and_then(Value::as_str).map(String::from),
+            add_bos: tk_config
+                .get("add_bos_token")
+                .and_then(Value::as_bool)
+                .unwrap_or(false),
+            chat_template: tk_config
+                .get("chat_template")
+                .and_then(Value::as_str)
+                .map(String::from),
             inner,
         })
     }
@@ -166,7 +196,11 @@ impl Tokenizer {
 
     /// Incremental decoding for streamed generation: yields text once it forms whole chars.
     pub fn stream(&self) -> TokenStream<'_> {
-        TokenStream { tokenizer: self, ids: Vec::new(), emitted: 0 }
+        TokenStream {
+            tokenizer: self,
+            ids: Vec::new(),
+            emitted: 0,
+        }
     }
 
     /// `tokenizer.json` text, for exporting.
@@ -194,15 +228,30 @@ impl Tokenizer {
 fn pre_tokenizer_for(pre: &str) -> Result<(PreTokenizerWrapper, bool, bool)> {
     let byte_level_regex = || ByteLevel::new(false, true, true).into();
     let split = |pattern: &str| -> Result<PreTokenizerWrapper> {
-        let split = Split::new(SplitPattern::Regex(pattern.into()), SplitDelimiterBehavior::Isolated, false).map_err(tk_err)?;
-        Ok(Sequence::new(vec![split.into(), ByteLevel::new(false, false, false).into()]).into())
+        let split = Split::new(
+            SplitPattern::Regex(pattern.into()),
+            SplitDelimiterBehavior::Isolated,
+            false,
+        )
+        .map_err(tk_err)?;
+        Ok(Sequence::new(vec![
+            split.into(),
+            ByteLevel::new(false, false, false).into(),
+        ])
+        .into())
     };
     Ok(match pre {
-        "smollm" | "starcoder" | "refact" => (Sequence::new(vec![Digits::new(true).into(), byte_level_regex()]).into(), false, false),
+        "smollm" | "starcoder" | "refact" => (
+            Sequence::new(vec![Digits::new(true).into(), byte_level_regex()]).into(),
+            false,
+            false,
+        ),
         "qwen2" => (split(QWEN2_PATTERN)?, false, false),
         "llama3" | "llama-v3" | "llama-bpe" => (split(LLAMA3_PATTERN)?, true, true),
         "gpt2" | "default" => (byte_level_regex(), false, false),
-        other => bail!("pre-tokenizer '{other}' is not supported (recoup knows smollm, qwen2, llama-bpe, gpt2)"),
+        other => bail!(
+            "pre-tokenizer '{other}' is not supported (recoup knows smollm, qwen2, llama-bpe, gpt2)"
+        ),
     })
 }
 

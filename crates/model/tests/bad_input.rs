@@ -1,7 +1,7 @@
 //! Broken model directories give errors that name the file and the problem, never a panic.
 
-use recoup_formats::hf::{write_hf_dir, ExportDtype, HfDir};
 use recoup_formats::Tensor;
+use recoup_formats::hf::{ExportDtype, HfDir, write_hf_dir};
 use recoup_model::{Model, ModelConfig};
 use serde_json::json;
 use std::path::Path;
@@ -39,10 +39,21 @@ fn write_tiny(dir: &Path, shapes: &[(String, Vec<usize>)]) {
         let shape = shapes.iter().find(|(n, _)| n == name).unwrap().1.clone();
         let n: usize = shape.iter().product();
         // Deterministic, non-zero, varied values.
-        let data = (0..n).map(|i| ((i * 7919 % 113) as f32 - 56.0) / 200.0).collect();
+        let data = (0..n)
+            .map(|i| ((i * 7919 % 113) as f32 - 56.0) / 200.0)
+            .collect();
         Ok(Tensor { shape, data })
     };
-    write_hf_dir(dir, &tiny_config(), &names, &load, ExportDtype::F32, usize::MAX, &[]).unwrap();
+    write_hf_dir(
+        dir,
+        &tiny_config(),
+        &names,
+        &load,
+        ExportDtype::F32,
+        usize::MAX,
+        &[],
+    )
+    .unwrap();
 }
 
 fn load_err(dir: &Path) -> String {
@@ -78,17 +89,29 @@ fn mismatched_shape_is_named() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("tiny");
     let mut shapes = tiny_shapes();
-    shapes.iter_mut().find(|(n, _)| n.ends_with("1.mlp.up_proj.weight")).unwrap().1 = vec![23, 16];
+    shapes
+        .iter_mut()
+        .find(|(n, _)| n.ends_with("1.mlp.up_proj.weight"))
+        .unwrap()
+        .1 = vec![23, 16];
     write_tiny(&path, &shapes);
     let err = load_err(&path);
-    assert!(err.contains("model.layers.1.mlp.up_proj.weight") && err.contains("[23, 16]") && err.contains("tiny"), "{err}");
+    assert!(
+        err.contains("model.layers.1.mlp.up_proj.weight")
+            && err.contains("[23, 16]")
+            && err.contains("tiny"),
+        "{err}"
+    );
 }
 
 #[test]
 fn missing_tensor_is_named() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("tiny");
-    let shapes: Vec<_> = tiny_shapes().into_iter().filter(|(n, _)| n != "model.norm.weight").collect();
+    let shapes: Vec<_> = tiny_shapes()
+        .into_iter()
+        .filter(|(n, _)| n != "model.norm.weight")
+        .collect();
     write_tiny(&path, &shapes);
     let err = load_err(&path);
     assert!(err.contains("model.norm.weight"), "{err}");
@@ -103,7 +126,10 @@ fn truncated_safetensors_is_refused() {
     let bytes = std::fs::read(&file).unwrap();
     std::fs::write(&file, &bytes[..bytes.len() - 10]).unwrap();
     let err = load_err(&path);
-    assert!(err.contains("model.safetensors") && err.contains("not a valid safetensors"), "{err}");
+    assert!(
+        err.contains("model.safetensors") && err.contains("not a valid safetensors"),
+        "{err}"
+    );
 }
 
 #[test]

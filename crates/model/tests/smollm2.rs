@@ -3,7 +3,7 @@
 //! against itself through the KV cache, and through a safetensors round trip.
 
 use recoup_formats::hf::ExportDtype;
-use recoup_model::{load, KvCache, Loaded};
+use recoup_model::{KvCache, Loaded, load};
 use std::path::PathBuf;
 use std::sync::OnceLock;
 
@@ -16,7 +16,8 @@ struct Golden {
 }
 
 fn smollm2_path() -> PathBuf {
-    recoup_assets::resolve("smollm2-135m", recoup_assets::AssetKind::Model).expect("SmolLM2 fetches")
+    recoup_assets::resolve("smollm2-135m", recoup_assets::AssetKind::Model)
+        .expect("SmolLM2 fetches")
 }
 
 fn smollm2() -> &'static Loaded {
@@ -50,7 +51,10 @@ fn logits_match_independent_implementation() {
             .enumerate()
             .map(|(i, &w)| (row[i * g.stride] as f64 - w).abs())
             .fold(0f64, f64::max);
-        assert!(worst <= 1e-3 * scale, "position {pos}: max |Δlogit| {worst} exceeds 1e-3 × {scale}");
+        assert!(
+            worst <= 1e-3 * scale,
+            "position {pos}: max |Δlogit| {worst} exceeds 1e-3 × {scale}"
+        );
         let argmax = recoup_model::sampling::argmax(row);
         assert_eq!(argmax, top5[0], "position {pos}: top-1");
     }
@@ -71,8 +75,15 @@ fn kv_cache_decode_equals_full_recompute() {
         let hidden = m.forward(&[tok], &mut cache).unwrap();
         let step = m.logits(&hidden, 1);
         let want = &full[pos * vocab..(pos + 1) * vocab];
-        let worst = step.iter().zip(want).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
-        assert!(worst < 1e-3, "position {pos}: decode differs from recompute by {worst}");
+        let worst = step
+            .iter()
+            .zip(want)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0f32, f32::max);
+        assert!(
+            worst < 1e-3,
+            "position {pos}: decode differs from recompute by {worst}"
+        );
     }
     assert_eq!(cache.len(), g.tokens.len());
 }
@@ -85,15 +96,27 @@ fn safetensors_export_reloads_to_identical_logits() {
     // A small shard limit forces the sharded layout with an index.
     let out = dir.path().join("smollm2-hf");
     recoup_model::export::export_hf(&opened, &out, ExportDtype::F32, 64 << 20, &|| {}).unwrap();
-    assert!(out.join("model.safetensors.index.json").exists(), "expected shards");
+    assert!(
+        out.join("model.safetensors.index.json").exists(),
+        "expected shards"
+    );
     assert!(out.join("tokenizer.json").exists() && out.join("config.json").exists());
     let reloaded = load(&out).unwrap();
     assert_eq!(reloaded.format, "safetensors");
-    assert_eq!(full_logits(&reloaded, &g.tokens), full_logits(smollm2(), &g.tokens));
+    assert_eq!(
+        full_logits(&reloaded, &g.tokens),
+        full_logits(smollm2(), &g.tokens)
+    );
     let text = "Gravity is 9.81 m/s² — «naïve» café, 12345 tokens!\n\tdef f(x): return x**2";
     let gguf_tk = &smollm2().tokenizer;
-    assert_eq!(reloaded.tokenizer.encode(text, false).unwrap(), gguf_tk.encode(text, false).unwrap());
-    assert_eq!((reloaded.tokenizer.bos, reloaded.tokenizer.eos), (gguf_tk.bos, gguf_tk.eos));
+    assert_eq!(
+        reloaded.tokenizer.encode(text, false).unwrap(),
+        gguf_tk.encode(text, false).unwrap()
+    );
+    assert_eq!(
+        (reloaded.tokenizer.bos, reloaded.tokenizer.eos),
+        (gguf_tk.bos, gguf_tk.eos)
+    );
     assert_eq!(reloaded.tokenizer.chat_template, gguf_tk.chat_template);
 }
 
@@ -104,9 +127,15 @@ fn bf16_export_stays_close() {
     let opened = recoup_model::load::open(&smollm2_path()).unwrap();
     let out = dir.path().join("bf16");
     recoup_model::export::export_hf(&opened, &out, ExportDtype::BF16, usize::MAX, &|| {}).unwrap();
-    assert!(out.join("model.safetensors").exists(), "one file when under the shard limit");
+    assert!(
+        out.join("model.safetensors").exists(),
+        "one file when under the shard limit"
+    );
     let reloaded = load(&out).unwrap();
-    let (a, b) = (full_logits(&reloaded, &g.tokens), full_logits(smollm2(), &g.tokens));
+    let (a, b) = (
+        full_logits(&reloaded, &g.tokens),
+        full_logits(smollm2(), &g.tokens),
+    );
     let vocab = smollm2().model.config.vocab_size;
     let last = g.tokens.len() - 1;
     assert_eq!(
