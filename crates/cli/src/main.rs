@@ -1,5 +1,6 @@
 //! `recoup`: one binary for fetching, converting, measuring and running models.
 
+mod bench;
 mod convert;
 mod fetch;
 mod ppl;
@@ -33,6 +34,8 @@ enum Command {
     Ppl(ppl::Args),
     /// Generate text from a prompt, streamed to stdout.
     Run(run::Args),
+    /// Prompt-processing and generation speed, weight traffic and bandwidth reached.
+    Bench(bench::Args),
 }
 
 fn main() {
@@ -54,6 +57,7 @@ fn real_main(cli: Cli) -> Result<()> {
         Command::Convert(a) => convert::main(a),
         Command::Ppl(a) => ppl::main(a),
         Command::Run(a) => run::main(a),
+        Command::Bench(a) => bench::main(a),
     }
 }
 

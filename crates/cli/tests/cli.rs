@@ -188,3 +188,39 @@ fn convert_then_ppl_on_the_export_matches() {
         .collect();
     assert!(leftovers.is_empty(), "{leftovers:?}");
 }
+
+#[test]
+fn bench_reports_speed_and_bandwidth() {
+    let o = recoup(&[
+        "bench",
+        "--model",
+        "smollm2-135m",
+        "--pp",
+        "32",
+        "--tg",
+        "4",
+        "--reps",
+        "1",
+        "--json",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    for key in [
+        "pp_tokens_per_s",
+        "tg_tokens_per_s",
+        "weight_bytes_per_token",
+        "achieved_gbps",
+        "stream_gbps",
+        "bits_per_weight",
+    ] {
+        assert!(
+            v[key].as_f64().is_some_and(|x| x > 0.0),
+            "{key} missing or not positive: {v}"
+        );
+    }
+    // f32 weights: exactly 32 bits per weight in the blocks.
+    assert_eq!(v["bits_per_weight"].as_f64().unwrap(), 32.0);
+    let o = recoup(&["bench", "--model", "smollm2-135m", "--pp", "0", "--tg", "0"]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(stderr(&o).contains("nothing to measure"));
+}

@@ -1,3 +1,4 @@
 //! Evaluation protocols, each printing exactly what it measured.
 
 pub mod ppl;
+pub mod speed;

@@ -3,6 +3,7 @@
 
 pub mod attention;
 pub mod matmul;
+pub mod membw;
 pub mod ops;
 
 /// A raw pointer that rayon tasks may share when each writes a disjoint region.

@@ -194,21 +194,17 @@ impl Model {
         self.lm_head.forward(hidden, n)
     }
 
-    /// The embedding matrix `[vocab, hidden]`.
-    pub fn embeddings(&self) -> &[f32] {
-        &self.embed
-    }
-
-    pub fn final_norm(&self) -> &[f32] {
-        &self.norm
+    /// Every linear layer of the decoder blocks (not the output head), block by block.
+    pub fn block_linears(&self) -> impl Iterator<Item = &Linear> {
+        self.blocks
+            .iter()
+            .flat_map(|b| [&b.q, &b.k, &b.v, &b.o, &b.gate, &b.up, &b.down])
     }
 
     /// Parameters of the model (the tied head counted once).
     pub fn parameter_count(&self) -> usize {
         let linears: usize = self
-            .blocks
-            .iter()
-            .flat_map(|b| [&b.q, &b.k, &b.v, &b.o, &b.gate, &b.up, &b.down])
+            .block_linears()
             .map(|l| l.op.in_features() * l.op.out_features())
             .sum();
         let head = if self.config.tie_embeddings {
@@ -219,14 +215,22 @@ impl Model {
         linears + self.embed.len() + head
     }
 
+    /// Bits per weight of the decoder blocks' linear layers, everything they store counted.
+    pub fn block_bits_per_weight(&self) -> f64 {
+        let (bytes, weights) = self.block_linears().fold((0usize, 0usize), |(b, w), l| {
+            (
+                b + l.op.weight_bytes(),
+                w + l.op.in_features() * l.op.out_features(),
+            )
+        });
+        8.0 * bytes as f64 / weights.max(1) as f64
+    }
+
     /// Bytes of weights one decoded token reads (every linear layer and the head).
     pub fn weight_bytes_per_token(&self) -> usize {
-        let per_block: usize = self
-            .blocks
-            .iter()
-            .flat_map(|b| [&b.q, &b.k, &b.v, &b.o, &b.gate, &b.up, &b.down])
+        self.block_linears()
             .map(|l| l.op.weight_bytes())
-            .sum();
-        per_block + self.lm_head.op.weight_bytes()
+            .sum::<usize>()
+            + self.lm_head.op.weight_bytes()
     }
 }

@@ -186,10 +186,6 @@ impl Tokenizer {
         self.inner.decode(ids, false).map_err(tk_err)
     }
 
-    pub fn vocab_size(&self) -> usize {
-        self.inner.get_vocab_size(true)
-    }
-
     pub fn token_text(&self, id: u32) -> Option<String> {
         self.inner.id_to_token(id)
     }
