@@ -34,6 +34,9 @@ pub fn main(args: Args) -> Result<()> {
     if !(0.0..=1.0).contains(&args.top_p) || args.top_p == 0.0 {
         bail!("--top-p must be in (0, 1], got {}", args.top_p);
     }
+    if args.max_tokens == 0 {
+        bail!("--max-tokens must be at least 1");
+    }
     if args.temperature < 0.0 {
         bail!(
             "--temperature must be non-negative, got {}",
@@ -63,14 +66,15 @@ pub fn main(args: Args) -> Result<()> {
     if tokens.is_empty() {
         bail!("the prompt is empty and the model has no BOS token to start from");
     }
-    let capacity = (tokens.len() + args.max_tokens).min(model.config.max_position);
-    if tokens.len() >= capacity {
+    if tokens.len() > model.config.max_position {
         bail!(
-            "the prompt has {} tokens, the model's context is {}",
+            "the prompt has {} tokens, more than the model's context of {}",
             tokens.len(),
             model.config.max_position
         );
     }
+    // The last sampled token is never fed back, so it needs no cache slot.
+    let capacity = (tokens.len() + args.max_tokens - 1).min(model.config.max_position);
     let mut cache = KvCache::new(&model.config, capacity);
     let mut sampler = Sampler::new(args.temperature, args.top_p, args.seed);
     let mut stream = tk.stream();
@@ -86,7 +90,7 @@ pub fn main(args: Args) -> Result<()> {
     let prefill_secs = t0.elapsed().as_secs_f64();
     let t1 = Instant::now();
     let mut generated = 0;
-    while cache.len() < capacity && generated < args.max_tokens {
+    while generated < args.max_tokens {
         let next = sampler.sample(&logits);
         generated += 1;
         if Some(next) == tk.eos {
@@ -94,7 +98,7 @@ pub fn main(args: Args) -> Result<()> {
         }
         write!(out, "{}", stream.push(next)?)?;
         out.flush()?;
-        if cache.len() == capacity {
+        if generated == args.max_tokens || cache.len() == capacity {
             break;
         }
         let hidden = model.forward(&[next], &mut cache)?;

@@ -17,6 +17,18 @@ pub struct AttentionShape {
     pub head_dim: usize,
 }
 
+impl AttentionShape {
+    /// Values per position of the queries and the output.
+    pub fn q_stride(&self) -> usize {
+        self.n_heads * self.head_dim
+    }
+
+    /// Values per position of the key and value caches.
+    pub fn kv_stride(&self) -> usize {
+        self.n_kv_heads * self.head_dim
+    }
+}
+
 const QUERY_BLOCK: usize = 64;
 
 pub fn causal_attention(
@@ -28,11 +40,7 @@ pub fn causal_attention(
     p0: usize,
     s: AttentionShape,
 ) {
-    let (hd, q_stride, kv_stride) = (
-        s.head_dim,
-        s.n_heads * s.head_dim,
-        s.n_kv_heads * s.head_dim,
-    );
+    let (hd, q_stride, kv_stride) = (s.head_dim, s.q_stride(), s.kv_stride());
     assert!(
         q.len() >= t * q_stride && out.len() >= t * q_stride,
         "attention: q/out too small"
@@ -122,11 +130,7 @@ pub fn causal_attention_reference(
     p0: usize,
     s: AttentionShape,
 ) {
-    let (hd, q_stride, kv_stride) = (
-        s.head_dim,
-        s.n_heads * s.head_dim,
-        s.n_kv_heads * s.head_dim,
-    );
+    let (hd, q_stride, kv_stride) = (s.head_dim, s.q_stride(), s.kv_stride());
     let group = s.n_heads / s.n_kv_heads;
     for i in 0..t {
         for h in 0..s.n_heads {
