@@ -105,13 +105,20 @@ pub fn main(args: Args) -> Result<()> {
         logits = model.logits(&hidden, 1);
     }
     writeln!(out)?;
-    let gen_secs = t1.elapsed().as_secs_f64();
+    // Each generated token but the first cost one decode step.
+    let decode_steps = cache.len() - tokens.len();
+    let decode_rate = if decode_steps > 0 {
+        format!(
+            "{:.1} tokens/s",
+            decode_steps as f64 / t1.elapsed().as_secs_f64()
+        )
+    } else {
+        "no decode step".to_string()
+    };
     eprintln!(
-        "prompt: {} tokens, {:.1} tokens/s | generation: {} tokens, {:.1} tokens/s",
+        "prompt: {} tokens, {:.1} tokens/s | generation: {generated} tokens, {decode_rate}",
         tokens.len(),
         tokens.len() as f64 / prefill_secs,
-        generated,
-        generated as f64 / gen_secs.max(1e-9)
     );
     Ok(())
 }
