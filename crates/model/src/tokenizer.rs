@@ -25,7 +25,10 @@ const TOKEN_TYPE_CONTROL: i64 = 3;
 const TOKEN_TYPE_USER_DEFINED: i64 = 4;
 
 pub struct Tokenizer {
+    /// Matches control tokens spelled in the text (chat prompts).
     inner: tokenizers::Tokenizer,
+    /// Treats control-token spellings as plain text (evaluation corpora).
+    plain: tokenizers::Tokenizer,
     pub bos: Option<u32>,
     pub eos: Option<u32>,
     /// Whether a BOS token starts every encoded text (the model's own convention).
@@ -109,13 +112,13 @@ impl Tokenizer {
             .get("tokenizer.chat_template")
             .map(|_| file.get_str("tokenizer.chat_template").map(String::from))
             .transpose()?;
-        Ok(Self {
+        Ok(Self::new(
             inner,
-            bos: id("tokenizer.ggml.bos_token_id"),
-            eos: id("tokenizer.ggml.eos_token_id"),
+            id("tokenizer.ggml.bos_token_id"),
+            id("tokenizer.ggml.eos_token_id"),
             add_bos,
             chat_template,
-        })
+        ))
     }
 
     /// Loads `tokenizer.json` (and `tokenizer_config.json` for BOS/EOS, `add_bos_token` and
@@ -141,33 +144,52 @@ impl Tokenizer {
             inner.token_to_id(text)
         };
         let config_id = |key: &str| config.get(key).and_then(Value::as_u64).map(|v| v as u32);
-        Ok(Self {
-            bos: token_id("bos_token").or_else(|| config_id("bos_token_id")),
-            eos: token_id("eos_token").or_else(|| config_id("eos_token_id")),
-            add_bos: tk_config
-                .get("add_bos_token")
-                .and_then(Value::as_bool)
-                .unwrap_or(false),
-            chat_template: tk_config
-                .get("chat_template")
-                .and_then(Value::as_str)
-                .map(String::from),
+        let bos = token_id("bos_token").or_else(|| config_id("bos_token_id"));
+        let eos = token_id("eos_token").or_else(|| config_id("eos_token_id"));
+        let add_bos = tk_config
+            .get("add_bos_token")
+            .and_then(Value::as_bool)
+            .unwrap_or(false);
+        let chat_template = tk_config
+            .get("chat_template")
+            .and_then(Value::as_str)
+            .map(String::from);
+        Ok(Self::new(inner, bos, eos, add_bos, chat_template))
+    }
+
+    fn new(
+        inner: tokenizers::Tokenizer,
+        bos: Option<u32>,
+        eos: Option<u32>,
+        add_bos: bool,
+        chat_template: Option<String>,
+    ) -> Self {
+        let mut plain = inner.clone();
+        plain.set_encode_special_tokens(true);
+        Self {
             inner,
-        })
+            plain,
+            bos,
+            eos,
+            add_bos,
+            chat_template,
+        }
     }
 
     /// Token ids of `text`, without BOS. With `parse_special`, control-token text such as
     /// `<|im_start|>` becomes the control token (chat prompts); otherwise it is plain text
     /// (evaluation corpora).
     pub fn encode(&self, text: &str, parse_special: bool) -> Result<Vec<u32>> {
-        let enc = if parse_special {
-            self.inner.encode_fast(text, false).map_err(tk_err)?
+        let tokenizer = if parse_special {
+            &self.inner
         } else {
-            let mut plain = self.inner.clone();
-            plain.set_encode_special_tokens(true);
-            plain.encode_fast(text, false).map_err(tk_err)?
+            &self.plain
         };
-        Ok(enc.get_ids().to_vec())
+        Ok(tokenizer
+            .encode_fast(text, false)
+            .map_err(tk_err)?
+            .get_ids()
+            .to_vec())
     }
 
     /// `encode`, with the model's BOS first when the model adds one.
