@@ -265,12 +265,18 @@ mod tests {
         }
     }
 
-    #[test]
-    fn a_hash_mismatch_leaves_no_file_behind() {
+    /// A one-article wiki source in a fresh directory, and the destination beside it.
+    fn wiki_source() -> (tempfile::TempDir, PathBuf, PathBuf) {
         let dir = tempfile::tempdir().unwrap();
         let wiki = dir.path().join("wiki.utf8");
         fs::write(&wiki, "<doc id=\"1\">\nTitle\n\nBody.\n\n</doc>\n").unwrap();
         let dest = dir.path().join("split.txt");
+        (dir, wiki, dest)
+    }
+
+    #[test]
+    fn a_hash_mismatch_leaves_no_file_behind() {
+        let (dir, wiki, dest) = wiki_source();
         let err = build(&derived("00"), Some(&wiki), &dest)
             .unwrap_err()
             .to_string();
@@ -288,10 +294,7 @@ mod tests {
 
     #[test]
     fn a_verified_file_is_renamed_into_place() {
-        let dir = tempfile::tempdir().unwrap();
-        let wiki = dir.path().join("wiki.utf8");
-        fs::write(&wiki, "<doc id=\"1\">\nTitle\n\nBody.\n\n</doc>\n").unwrap();
-        let dest = dir.path().join("split.txt");
+        let (_dir, wiki, dest) = wiki_source();
         let mut h = Sha256::new();
         h.update(b"Title\n\nBody.\n");
         let sha: &'static str = Box::leak(hex(&h.finalize()).into_boxed_str());

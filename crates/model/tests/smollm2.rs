@@ -88,14 +88,20 @@ fn kv_cache_decode_equals_full_recompute() {
     assert_eq!(cache.len(), g.tokens.len());
 }
 
+/// Exports SmolLM2 into a fresh directory; returns it with the export's path.
+fn export(dtype: ExportDtype, max_shard_bytes: usize) -> (tempfile::TempDir, PathBuf) {
+    let dir = tempfile::tempdir().unwrap();
+    let opened = recoup_model::load::open(&smollm2_path()).unwrap();
+    let out = dir.path().join("smollm2-hf");
+    recoup_model::export::export_hf(&opened, &out, dtype, max_shard_bytes, &|| {}).unwrap();
+    (dir, out)
+}
+
 #[test]
 fn safetensors_export_reloads_to_identical_logits() {
     let g = golden();
-    let dir = tempfile::tempdir().unwrap();
-    let opened = recoup_model::load::open(&smollm2_path()).unwrap();
     // A small shard limit forces the sharded layout with an index.
-    let out = dir.path().join("smollm2-hf");
-    recoup_model::export::export_hf(&opened, &out, ExportDtype::F32, 64 << 20, &|| {}).unwrap();
+    let (_dir, out) = export(ExportDtype::F32, 64 << 20);
     assert!(
         out.join("model.safetensors.index.json").exists(),
         "expected shards"
@@ -123,10 +129,7 @@ fn safetensors_export_reloads_to_identical_logits() {
 #[test]
 fn bf16_export_stays_close() {
     let g = golden();
-    let dir = tempfile::tempdir().unwrap();
-    let opened = recoup_model::load::open(&smollm2_path()).unwrap();
-    let out = dir.path().join("bf16");
-    recoup_model::export::export_hf(&opened, &out, ExportDtype::BF16, usize::MAX, &|| {}).unwrap();
+    let (_dir, out) = export(ExportDtype::BF16, usize::MAX);
     assert!(
         out.join("model.safetensors").exists(),
         "one file when under the shard limit"
