@@ -292,3 +292,39 @@ impl TokenStream<'_> {
         Ok(new)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokenizers::{OffsetReferential, OffsetType, PreTokenizedString, PreTokenizer};
+
+    /// The pieces a family's pre-tokenizer cuts `text` into, byte-level encoded (space = Ġ).
+    fn pieces(family: &str, text: &str) -> Vec<String> {
+        let (pre, _, _) = pre_tokenizer_for(family).unwrap();
+        let mut s = PreTokenizedString::from(text);
+        pre.pre_tokenize(&mut s).unwrap();
+        s.get_splits(OffsetReferential::Original, OffsetType::Byte)
+            .into_iter()
+            .map(|(p, _, _)| p.to_string())
+            .collect()
+    }
+
+    #[test]
+    fn families_split_digits_and_contractions_as_their_models_do() {
+        // Llama 3: digit runs of up to three; case-insensitive contractions.
+        assert_eq!(
+            pieces("llama-bpe", "12345 IT'S"),
+            ["123", "45", "ĠIT", "'S"]
+        );
+        // Qwen2: single digits.
+        assert_eq!(
+            pieces("qwen2", "2024 it's"),
+            ["2", "0", "2", "4", "Ġit", "'s"]
+        );
+        // SmolLM: single digits, then GPT-2's pattern (case-sensitive contractions).
+        assert_eq!(pieces("smollm", "42 it's"), ["4", "2", "Ġit", "'s"]);
+        // GPT-2: digit runs stay whole.
+        assert_eq!(pieces("gpt2", "2024 it's"), ["2024", "Ġit", "'s"]);
+        assert!(pre_tokenizer_for("bloom").is_err());
+    }
+}
