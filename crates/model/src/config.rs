@@ -237,6 +237,22 @@ impl ModelConfig {
                 ),
             }
         }
+        let max_position = get("max_position_embeddings")
+            .and_then(Value::as_u64)
+            .unwrap_or(2048) as usize;
+        // Sliding-window attention (Mistral; Qwen2 with use_sliding_window) equals full
+        // attention within the window. recoup computes full attention, so the window caps the
+        // context it runs, rather than silently computing something else beyond it.
+        let uses_window = match arch {
+            Arch::Llama => true,
+            Arch::Qwen2 => get("use_sliding_window")
+                .and_then(Value::as_bool)
+                .unwrap_or(false),
+        };
+        let sliding_window = get("sliding_window")
+            .and_then(Value::as_u64)
+            .filter(|_| uses_window)
+            .map(|w| w as usize);
         let token = |k: &str| {
             get(k)
                 .and_then(|v| v.as_u64().or_else(|| v.get(0).and_then(Value::as_u64)))
@@ -258,9 +274,7 @@ impl ModelConfig {
             rope_theta,
             rope_linear_factor,
             rope_freq_factors,
-            max_position: get("max_position_embeddings")
-                .and_then(Value::as_u64)
-                .unwrap_or(2048) as usize,
+            max_position: max_position.min(sliding_window.unwrap_or(usize::MAX)),
             tie_embeddings: get("tie_word_embeddings")
                 .and_then(Value::as_bool)
                 .unwrap_or(false),
@@ -359,6 +373,28 @@ mod tests {
         assert_eq!((c.head_dim, c.n_kv_heads, c.tie_embeddings), (64, 3, true));
         let again = ModelConfig::from_hf(&c.to_hf().unwrap(), Path::new("m")).unwrap();
         assert_eq!(c, again);
+    }
+
+    #[test]
+    fn a_sliding_window_caps_the_context() {
+        let mut v = smollm_like();
+        v["architectures"] = json!(["MistralForCausalLM"]);
+        v["max_position_embeddings"] = json!(32768);
+        v["sliding_window"] = json!(4096);
+        assert_eq!(
+            ModelConfig::from_hf(&v, Path::new("m"))
+                .unwrap()
+                .max_position,
+            4096
+        );
+        v["architectures"] = json!(["Qwen2ForCausalLM"]);
+        v["use_sliding_window"] = json!(false);
+        assert_eq!(
+            ModelConfig::from_hf(&v, Path::new("m"))
+                .unwrap()
+                .max_position,
+            32768
+        );
     }
 
     #[test]

@@ -116,6 +116,13 @@ impl Model {
     pub fn forward(&self, tokens: &[u32], cache: &mut KvCache) -> Result<Vec<f32>> {
         let c = &self.config;
         let (t, d, p0) = (tokens.len(), c.hidden_size, cache.len());
+        if p0 + t > c.max_position {
+            bail!(
+                "{} positions exceed the model's context of {}",
+                p0 + t,
+                c.max_position
+            );
+        }
         if p0 + t > cache.capacity() {
             bail!(
                 "{} positions exceed the KV cache's {}",
