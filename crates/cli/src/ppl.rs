@@ -45,10 +45,8 @@ pub fn main(args: Args) -> Result<()> {
     let tokens = tk.encode_with_bos(&text, false)?;
     let bos = if tk.add_bos { tk.bos } else { None };
     let start = Instant::now();
-    let windows = args
-        .max_windows
-        .map_or(tokens.len() / args.ctx, |m| m.min(tokens.len() / args.ctx));
-    let pb = crate::progress::bar(windows as u64, "windows");
+    // The window count is perplexity's to decide; it reports it with each finished window.
+    let pb = crate::progress::bar(0, "windows");
     let result = perplexity(
         &loaded.model,
         &tokens,
@@ -56,8 +54,9 @@ pub fn main(args: Args) -> Result<()> {
         args.ctx,
         protocol,
         args.max_windows,
-        |_, _, running| {
-            pb.inc(1);
+        |done, total, running| {
+            pb.set_length(total as u64);
+            pb.set_position(done as u64);
             pb.set_message(format!("ppl {running:.4}"));
         },
     )

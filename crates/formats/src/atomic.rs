@@ -35,19 +35,3 @@ pub fn write_dir(dest: &Path, fill: impl FnOnce(&Path) -> Result<()>) -> Result<
         .with_context(|| format!("cannot rename into {}", dest.display()))?;
     Ok(())
 }
-
-/// Writes a file atomically (temporary file in the same directory, fsync, rename).
-pub fn write_file(dest: &Path, bytes: &[u8]) -> Result<()> {
-    use std::io::Write;
-    let parent = match dest.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p,
-        _ => Path::new("."),
-    };
-    let mut tmp = tempfile::NamedTempFile::new_in(parent)
-        .with_context(|| format!("cannot create a temporary file in {}", parent.display()))?;
-    tmp.write_all(bytes)?;
-    tmp.as_file().sync_all()?;
-    tmp.persist(dest)
-        .with_context(|| format!("cannot rename into {}", dest.display()))?;
-    Ok(())
-}

@@ -1,7 +1,7 @@
 //! Model hyper-parameters, read from GGUF metadata or a Hugging Face `config.json`, and
 //! written back as the latter.
 
-use anyhow::{Context, Result, anyhow, bail};
+use anyhow::{Result, anyhow, bail};
 use recoup_formats::gguf::GgufFile;
 use serde_json::{Value, json};
 use std::path::Path;
@@ -347,14 +347,6 @@ fn llama3_freq_factors(
             }
         })
         .collect()
-}
-
-/// Reads a Hugging Face `config.json` file.
-pub fn read_hf_config(dir: &Path) -> Result<Value> {
-    let path = dir.join("config.json");
-    let text = std::fs::read_to_string(&path)
-        .with_context(|| format!("cannot read {}", path.display()))?;
-    serde_json::from_str(&text).with_context(|| format!("{} is not valid JSON", path.display()))
 }
 
 #[cfg(test)]
