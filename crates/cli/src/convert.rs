@@ -1,5 +1,5 @@
 use anyhow::{Result, bail};
-use recoup_formats::hf::ExportDtype;
+use recoup_formats::DenseDtype;
 use std::path::PathBuf;
 
 #[derive(clap::Args)]
@@ -25,9 +25,9 @@ pub fn main(args: Args) -> Result<()> {
     let path = recoup_assets::resolve(&args.model, recoup_assets::AssetKind::Model)?;
     let opened = recoup_model::load::open(&path)?;
     let dtype = if args.dtype == "bf16" {
-        ExportDtype::BF16
+        DenseDtype::BF16
     } else {
-        ExportDtype::F32
+        DenseDtype::F32
     };
     let pb = crate::progress::bar(opened.source.names().len() as u64, "tensors");
     let n = recoup_model::export::export_hf(

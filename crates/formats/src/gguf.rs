@@ -3,7 +3,7 @@
 //! file gives an error naming the file and what was being read, never a panic.
 
 use crate::ggml::GgmlType;
-use crate::{Tensor, TensorSource};
+use crate::{DenseDtype, Tensor, TensorSource};
 use anyhow::{Context, Result, anyhow, bail};
 use rayon::prelude::*;
 use std::collections::HashMap;
@@ -432,6 +432,18 @@ impl TensorSource for GgufTensorSource {
 
     fn names(&self) -> Vec<String> {
         self.names.iter().map(|(hf, _)| hf.clone()).collect()
+    }
+
+    fn dense_dtype(&self, name: &str) -> DenseDtype {
+        let ty = self
+            .gguf_name(name)
+            .and_then(|g| self.file.tensor_info(g))
+            .map(|i| i.ggml_type);
+        match ty {
+            Some(GgmlType::F32) => DenseDtype::F32,
+            Some(GgmlType::BF16) => DenseDtype::BF16,
+            _ => DenseDtype::F16,
+        }
     }
 
     fn tensor(&self, name: &str) -> Result<Tensor> {

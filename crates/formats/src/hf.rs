@@ -2,9 +2,9 @@
 //! `model.safetensors.index.json`, `tokenizer.json`. Reading is over mmap; writing produces
 //! what transformers loads, atomically.
 
-use crate::{Tensor, TensorSource, atomic};
+use crate::packed::PackedLinear;
+use crate::{DenseDtype, Tensor, TensorSource, atomic, native};
 use anyhow::{Context, Result, anyhow, bail};
-use half::{bf16, f16};
 use safetensors::{Dtype, SafeTensors};
 use std::collections::{BTreeMap, HashMap};
 use std::fs::File;
@@ -27,6 +27,8 @@ pub struct HfDir {
     files: Vec<(PathBuf, memmap2::Mmap)>,
     order: Vec<String>,
     entries: HashMap<String, Entry>,
+    /// The `__metadata__` maps of all files, merged.
+    metadata: HashMap<String, String>,
 }
 
 fn read_json(path: &Path) -> Result<serde_json::Value> {
@@ -69,6 +71,7 @@ impl HfDir {
         let mut files = Vec::new();
         let mut order = Vec::new();
         let mut entries = HashMap::new();
+        let mut metadata = HashMap::new();
         for (file_idx, shard) in shard_names.iter().enumerate() {
             let path = dir.join(shard);
             let file =
@@ -78,6 +81,9 @@ impl HfDir {
                 .with_context(|| format!("cannot map {}", path.display()))?;
             let (header_len, meta) = SafeTensors::read_metadata(&mmap[..])
                 .map_err(|e| anyhow!("{} is not a valid safetensors file: {e}", path.display()))?;
+            if let Some(m) = meta.metadata() {
+                metadata.extend(m.clone());
+            }
             let data_start = 8 + header_len;
             let mut named: Vec<(String, &safetensors::tensor::TensorInfo)> =
                 meta.tensors().into_iter().collect();
@@ -106,7 +112,23 @@ impl HfDir {
             files,
             order,
             entries,
+            metadata,
         })
+    }
+
+    /// A value of the safetensors files' `__metadata__`.
+    pub fn metadata(&self, key: &str) -> Option<&str> {
+        self.metadata.get(key).map(String::as_str)
+    }
+
+    /// A tensor as stored: dtype, shape and bytes (borrowed from the mapping).
+    pub fn raw(&self, name: &str) -> Option<(Dtype, &[usize], &[u8])> {
+        let e = self.entries.get(name)?;
+        Some((
+            e.dtype,
+            &e.shape,
+            &self.files[e.file].1[e.range.0..e.range.1],
+        ))
     }
 }
 
@@ -123,6 +145,17 @@ impl TensorSource for HfDir {
         self.order.clone()
     }
 
+    fn dense_dtype(&self, name: &str) -> DenseDtype {
+        self.entries
+            .get(name)
+            .and_then(|e| DenseDtype::from_safetensors(e.dtype))
+            .unwrap_or(DenseDtype::F32)
+    }
+
+    fn packed(&self, prefix: &str) -> Result<Option<PackedLinear>> {
+        native::read_packed(self, prefix)
+    }
+
     fn tensor(&self, name: &str) -> Result<Tensor> {
         let entry = self
             .entries
@@ -130,36 +163,19 @@ impl TensorSource for HfDir {
             .ok_or_else(|| anyhow!("{}: no tensor {name}", self.dir.display()))?;
         let (path, mmap) = &self.files[entry.file];
         let bytes = &mmap[entry.range.0..entry.range.1];
-        let data: Vec<f32> = match entry.dtype {
-            Dtype::F32 => bytes
-                .chunks_exact(4)
-                .map(|b| f32::from_le_bytes(b.try_into().unwrap()))
-                .collect(),
-            Dtype::F16 => bytes
-                .chunks_exact(2)
-                .map(|b| f16::from_le_bytes([b[0], b[1]]).to_f32())
-                .collect(),
-            Dtype::BF16 => bytes
-                .chunks_exact(2)
-                .map(|b| bf16::from_le_bytes([b[0], b[1]]).to_f32())
-                .collect(),
-            other => bail!(
-                "{}: tensor {name} has dtype {other:?}; recoup reads F32, F16 and BF16",
-                path.display()
-            ),
-        };
+        let dtype = DenseDtype::from_safetensors(entry.dtype).ok_or_else(|| {
+            anyhow!(
+                "{}: tensor {name} has dtype {:?}; recoup reads F32, F16 and BF16",
+                path.display(),
+                entry.dtype
+            )
+        })?;
+        let data = dtype.decode(bytes);
         Ok(Tensor {
             shape: entry.shape.clone(),
             data,
         })
     }
-}
-
-/// Storage precision of an exported directory.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum ExportDtype {
-    F32,
-    BF16,
 }
 
 /// A tensor encoded in the export precision, waiting for its shard to be written.
@@ -169,27 +185,8 @@ struct Encoded {
     bytes: Vec<u8>,
 }
 
-impl ExportDtype {
-    fn safetensors(self) -> Dtype {
-        match self {
-            ExportDtype::F32 => Dtype::F32,
-            ExportDtype::BF16 => Dtype::BF16,
-        }
-    }
-
-    fn encode(self, data: &[f32]) -> Vec<u8> {
-        match self {
-            ExportDtype::F32 => data.iter().flat_map(|v| v.to_le_bytes()).collect(),
-            ExportDtype::BF16 => data
-                .iter()
-                .flat_map(|&v| bf16::from_f32(v).to_le_bytes())
-                .collect(),
-        }
-    }
-}
-
 /// Writes one shard as a safetensors file, returning the names it holds.
-fn write_shard(shard: Vec<Encoded>, dtype: ExportDtype, path: &Path) -> Result<Vec<String>> {
+fn write_shard(shard: Vec<Encoded>, dtype: DenseDtype, path: &Path) -> Result<Vec<String>> {
     let views = shard
         .iter()
         .map(|t| {
@@ -217,7 +214,7 @@ pub fn write_hf_dir(
     config: &serde_json::Value,
     names: &[String],
     load: &(dyn Fn(&str) -> Result<Tensor> + Sync),
-    dtype: ExportDtype,
+    dtype: DenseDtype,
     shard_bytes: usize,
     extra_files: &[(String, String)],
 ) -> Result<()> {

@@ -67,10 +67,191 @@ pub fn matmul_wt_reference(x: &[f32], w: &[f32], y: &mut [f32], n: usize, k: usi
     }
 }
 
+/// The Gram matrix `g[k×k] = x[n×k]ᵀ · x` of `n` rows (overwrites `g`).
+pub fn gram(x: &[f32], g: &mut [f32], n: usize, k: usize) {
+    assert!(
+        x.len() >= n * k && g.len() >= k * k,
+        "gram: buffers too small"
+    );
+    if k == 0 {
+        return;
+    }
+    if n == 0 {
+        g[..k * k].fill(0.0);
+        return;
+    }
+    // SAFETY: dst is k×k (row stride k); lhs = xᵀ is k×n with element (i, t) at t·k + i;
+    // rhs = x is n×k with element (t, j) at t·k + j; all inside the asserted lengths.
+    unsafe {
+        gemm::gemm(
+            k,
+            k,
+            n,
+            g.as_mut_ptr(),
+            1,
+            k as isize,
+            false,
+            x.as_ptr(),
+            k as isize,
+            1,
+            x.as_ptr(),
+            1,
+            k as isize,
+            0.0,
+            1.0,
+            false,
+            false,
+            false,
+            parallelism(n * k * k),
+        );
+    }
+}
+
+/// Scalar reference for [`gram`], accumulating in f64.
+pub fn gram_reference(x: &[f32], g: &mut [f32], n: usize, k: usize) {
+    for i in 0..k {
+        for j in 0..k {
+            let dot: f64 = (0..n)
+                .map(|t| x[t * k + i] as f64 * x[t * k + j] as f64)
+                .sum();
+            g[i * k + j] = dot as f32;
+        }
+    }
+}
+
+/// `c[r×n] −= a[r×k] · b[k×n]`, each row-major with its own row stride (`ldc`, `lda`,
+/// `ldb`), so that blocks of larger matrices are updated in place.
+#[allow(clippy::too_many_arguments)]
+pub fn matmul_sub(
+    c: &mut [f32],
+    ldc: usize,
+    a: &[f32],
+    lda: usize,
+    b: &[f32],
+    ldb: usize,
+    r: usize,
+    k: usize,
+    n: usize,
+) {
+    if r == 0 || n == 0 || k == 0 {
+        return;
+    }
+    assert!(
+        c.len() >= (r - 1) * ldc + n
+            && a.len() >= (r - 1) * lda + k
+            && b.len() >= (k - 1) * ldb + n
+            && ldc >= n
+            && lda >= k
+            && ldb >= n,
+        "matmul_sub: buffers too small"
+    );
+    // SAFETY: the assert bounds the last element each strided operand touches.
+    unsafe {
+        gemm::gemm(
+            r,
+            n,
+            k,
+            c.as_mut_ptr(),
+            1,
+            ldc as isize,
+            true,
+            a.as_ptr(),
+            1,
+            lda as isize,
+            b.as_ptr(),
+            1,
+            ldb as isize,
+            1.0,
+            -1.0,
+            false,
+            false,
+            false,
+            parallelism(r * n * k),
+        );
+    }
+}
+
+/// Scalar reference for [`matmul_sub`].
+#[allow(clippy::too_many_arguments)]
+pub fn matmul_sub_reference(
+    c: &mut [f32],
+    ldc: usize,
+    a: &[f32],
+    lda: usize,
+    b: &[f32],
+    ldb: usize,
+    r: usize,
+    k: usize,
+    n: usize,
+) {
+    for i in 0..r {
+        for j in 0..n {
+            let dot: f64 = (0..k)
+                .map(|t| a[i * lda + t] as f64 * b[t * ldb + j] as f64)
+                .sum();
+            c[i * ldc + j] = (c[i * ldc + j] as f64 - dot) as f32;
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use rand::{RngExt, SeedableRng};
+
+    fn random(rng: &mut rand::rngs::StdRng, n: usize) -> Vec<f32> {
+        (0..n).map(|_| rng.random_range(-1.0..1.0)).collect()
+    }
+
+    fn assert_close(fast: &[f32], slow: &[f32], tol: f32, what: &str) {
+        for (i, (a, b)) in fast.iter().zip(slow).enumerate() {
+            assert!((a - b).abs() <= tol, "{what} [{i}]: {a} vs {b}");
+        }
+    }
+
+    #[test]
+    fn gram_matches_reference() {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(11);
+        for &(n, k) in &[(1, 7), (33, 64), (300, 96), (5, 1)] {
+            let x = random(&mut rng, n * k);
+            let (mut fast, mut slow) = (vec![0f32; k * k], vec![0f32; k * k]);
+            gram(&x, &mut fast, n, k);
+            gram_reference(&x, &mut slow, n, k);
+            assert_close(
+                &fast,
+                &slow,
+                1e-4 * (n as f32).sqrt(),
+                &format!("gram ({n},{k})"),
+            );
+        }
+    }
+
+    #[test]
+    fn matmul_sub_matches_reference_on_strided_blocks() {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(12);
+        for &(r, k, n, pad) in &[(4, 3, 5, 0), (64, 128, 300, 7), (1, 128, 1, 2)] {
+            let (lda, ldb, ldc) = (k + pad, n + pad, n + 2 * pad);
+            let a = random(&mut rng, r * lda);
+            let b = random(&mut rng, k * ldb);
+            let c0 = random(&mut rng, r * ldc);
+            let (mut fast, mut slow) = (c0.clone(), c0.clone());
+            matmul_sub(&mut fast, ldc, &a, lda, &b, ldb, r, k, n);
+            matmul_sub_reference(&mut slow, ldc, &a, lda, &b, ldb, r, k, n);
+            assert_close(
+                &fast,
+                &slow,
+                1e-4 * (k as f32).sqrt(),
+                &format!("matmul_sub ({r},{k},{n})"),
+            );
+            // Padding between rows is left alone.
+            for i in 0..r {
+                assert_eq!(
+                    fast[i * ldc + n..(i + 1) * ldc],
+                    c0[i * ldc + n..(i + 1) * ldc]
+                );
+            }
+        }
+    }
 
     #[test]
     fn matches_reference_on_random_shapes() {

@@ -2,7 +2,8 @@
 
 use crate::load::Opened;
 use anyhow::Result;
-use recoup_formats::hf::{ExportDtype, write_hf_dir};
+use recoup_formats::DenseDtype;
+use recoup_formats::hf::write_hf_dir;
 use std::path::Path;
 
 /// Writes `opened` to `dest` (atomically): config.json, safetensors shards of at most
@@ -11,7 +12,7 @@ use std::path::Path;
 pub fn export_hf(
     opened: &Opened,
     dest: &Path,
-    dtype: ExportDtype,
+    dtype: DenseDtype,
     max_shard_bytes: usize,
     on_tensor: &(dyn Fn() + Sync),
 ) -> Result<usize> {

@@ -3,11 +3,10 @@
 use crate::ModelConfig;
 
 pub struct KvCache {
-    pub(crate) k: Vec<Vec<f32>>,
-    pub(crate) v: Vec<Vec<f32>>,
+    k: Vec<Vec<f32>>,
+    v: Vec<Vec<f32>>,
     len: usize,
     capacity: usize,
-    kv_dim: usize,
 }
 
 impl KvCache {
@@ -20,7 +19,6 @@ impl KvCache {
             v: (0..config.n_layers).map(|_| layer()).collect(),
             len: 0,
             capacity,
-            kv_dim,
         }
     }
 
@@ -42,11 +40,9 @@ impl KvCache {
         self.len = 0;
     }
 
-    /// Writes `t` new positions' keys and values of `layer` after the held ones.
-    pub(crate) fn write(&mut self, layer: usize, k: &[f32], v: &[f32], t: usize) {
-        let (at, n) = (self.len * self.kv_dim, t * self.kv_dim);
-        self.k[layer][at..at + n].copy_from_slice(&k[..n]);
-        self.v[layer][at..at + n].copy_from_slice(&v[..n]);
+    /// Keys and values of `layer`, for the block that appends to them.
+    pub(crate) fn layer_mut(&mut self, layer: usize) -> (&mut [f32], &mut [f32]) {
+        (&mut self.k[layer], &mut self.v[layer])
     }
 
     pub(crate) fn advance(&mut self, t: usize) {

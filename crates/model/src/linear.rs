@@ -1,6 +1,7 @@
 //! The one abstraction every projection goes through. Quantized, low-rank and
 //! residual-compensated layers are further [`LinearOp`]s; the model never sees the difference.
 
+use recoup_formats::packed::PackedLinear;
 use recoup_kernels::matmul::matmul_wt;
 use std::sync::Arc;
 
@@ -57,6 +58,52 @@ impl LinearOp for DenseF32 {
 
     fn weight_bytes(&self) -> usize {
         self.weight.len() * 4
+    }
+}
+
+/// Packed low-bit weights, dequantized to f32 for every product: the reference compute path
+/// that the fast kernels replace. Only the packed form stays resident.
+pub struct PackedDequant {
+    packed: PackedLinear,
+}
+
+impl PackedDequant {
+    pub fn new(packed: PackedLinear) -> Self {
+        Self { packed }
+    }
+
+    pub fn packed(&self) -> &PackedLinear {
+        &self.packed
+    }
+}
+
+impl LinearOp for PackedDequant {
+    fn in_features(&self) -> usize {
+        self.packed.matrix.cols
+    }
+
+    fn out_features(&self) -> usize {
+        self.packed.matrix.rows
+    }
+
+    fn forward(&self, x: &[f32], n: usize, y: &mut [f32]) {
+        let w = self.packed.dequantize();
+        matmul_wt(x, &w, y, n, self.in_features(), self.out_features());
+    }
+
+    fn kind(&self) -> String {
+        let s = &self.packed.matrix.spec;
+        let sym = if s.sym { "sym" } else { "asym" };
+        let order = if self.packed.perm.is_some() {
+            ", act-order"
+        } else {
+            ""
+        };
+        format!("{}-bit g{} {sym}{order}", s.bits, s.group)
+    }
+
+    fn weight_bytes(&self) -> usize {
+        self.packed.storage_bytes()
     }
 }
 

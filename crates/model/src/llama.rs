@@ -3,7 +3,7 @@
 
 use crate::config::ModelConfig;
 use crate::kv_cache::KvCache;
-use crate::linear::{DenseF32, Linear};
+use crate::linear::{DenseF32, Linear, PackedDequant};
 use anyhow::{Result, anyhow, bail};
 use recoup_formats::TensorSource;
 use recoup_kernels::attention::{AttentionShape, causal_attention};
@@ -55,18 +55,119 @@ impl Reader<'_> {
     }
 
     fn linear(&self, prefix: &str, out: usize, inp: usize) -> Result<Linear> {
-        let w = self.get(&format!("{prefix}.weight"), &[out, inp])?;
         let bias_name = format!("{prefix}.bias");
         let bias = if self.source.contains(&bias_name) {
             Some(self.get(&bias_name, &[out])?)
         } else {
             None
         };
-        Ok(Linear::new(
-            Box::new(DenseF32::new(Arc::new(w), out, inp)),
-            bias,
-        ))
+        let op: Box<dyn crate::linear::LinearOp> = match self.source.packed(prefix)? {
+            Some(p) => {
+                let m = &p.matrix;
+                if (m.rows, m.cols) != (out, inp) {
+                    bail!(
+                        "{}: {prefix} is packed as [{}, {}], the config implies [{out}, {inp}]",
+                        self.source.path().display(),
+                        m.rows,
+                        m.cols
+                    );
+                }
+                Box::new(PackedDequant::new(p))
+            }
+            None => {
+                let w = self.get(&format!("{prefix}.weight"), &[out, inp])?;
+                Box::new(DenseF32::new(Arc::new(w), out, inp))
+            }
+        };
+        Ok(Linear::new(op, bias))
     }
+}
+
+/// Where a block's linear layers read their input: q/k/v share one, gate/up share one.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Site {
+    Qkv,
+    O,
+    GateUp,
+    Down,
+}
+
+impl Block {
+    /// Reads decoder block `layer` from `source`.
+    pub fn load(config: &ModelConfig, source: &dyn TensorSource, layer: usize) -> Result<Self> {
+        let (c, r, d) = (config, Reader { source }, config.hidden_size);
+        let n = |m: &str| block_tensor_name(layer, m);
+        Ok(Block {
+            attn_norm: r.get(&n("input_layernorm.weight"), &[d])?,
+            q: r.linear(&n("self_attn.q_proj"), c.q_dim(), d)?,
+            k: r.linear(&n("self_attn.k_proj"), c.kv_dim(), d)?,
+            v: r.linear(&n("self_attn.v_proj"), c.kv_dim(), d)?,
+            o: r.linear(&n("self_attn.o_proj"), d, c.q_dim())?,
+            ffn_norm: r.get(&n("post_attention_layernorm.weight"), &[d])?,
+            gate: r.linear(&n("mlp.gate_proj"), c.intermediate_size, d)?,
+            up: r.linear(&n("mlp.up_proj"), c.intermediate_size, d)?,
+            down: r.linear(&n("mlp.down_proj"), d, c.intermediate_size)?,
+        })
+    }
+
+    /// Runs the block on `t` positions (`x`, updated in place) after the `p0` positions whose
+    /// keys and values `k_cache` and `v_cache` hold (rows of `kv_dim`; the new ones are
+    /// written after them). `tap` sees each distinct linear input as it is computed.
+    #[allow(clippy::too_many_arguments)]
+    pub fn forward(
+        &self,
+        c: &ModelConfig,
+        x: &mut [f32],
+        t: usize,
+        k_cache: &mut [f32],
+        v_cache: &mut [f32],
+        p0: usize,
+        rope: &RopeTable,
+        tap: &mut dyn FnMut(Site, &[f32]),
+    ) {
+        let mut h = vec![0f32; x.len()];
+        rms_norm(x, &self.attn_norm, c.rms_eps, &mut h);
+        tap(Site::Qkv, &h);
+        let mut q = self.q.forward(&h, t);
+        let mut k = self.k.forward(&h, t);
+        let v = self.v.forward(&h, t);
+        rope.apply(&mut q, c.n_heads, c.head_dim);
+        rope.apply(&mut k, c.n_kv_heads, c.head_dim);
+        let kv = c.kv_dim();
+        k_cache[p0 * kv..(p0 + t) * kv].copy_from_slice(&k);
+        v_cache[p0 * kv..(p0 + t) * kv].copy_from_slice(&v);
+        let mut attn = vec![0f32; t * c.q_dim()];
+        let shape = AttentionShape {
+            n_heads: c.n_heads,
+            n_kv_heads: c.n_kv_heads,
+            head_dim: c.head_dim,
+        };
+        causal_attention(&q, k_cache, v_cache, &mut attn, t, p0 + t, shape);
+        tap(Site::O, &attn);
+        let o = self.o.forward(&attn, t);
+        x.iter_mut().zip(&o).for_each(|(a, b)| *a += b);
+        rms_norm(x, &self.ffn_norm, c.rms_eps, &mut h);
+        tap(Site::GateUp, &h);
+        let mut gate = self.gate.forward(&h, t);
+        let up = self.up.forward(&h, t);
+        silu_mul(&mut gate, &up);
+        tap(Site::Down, &gate);
+        let down = self.down.forward(&gate, t);
+        x.iter_mut().zip(&down).for_each(|(a, b)| *a += b);
+    }
+}
+
+/// Rows of `embed` (`[vocab, d]`) for `tokens`, one after another.
+pub fn embed_tokens(embed: &[f32], d: usize, tokens: &[u32]) -> Result<Vec<f32>> {
+    let vocab = embed.len() / d.max(1);
+    let mut x = Vec::with_capacity(tokens.len() * d);
+    for &tok in tokens {
+        let row = embed
+            .get(tok as usize * d..(tok as usize + 1) * d)
+            .ok_or_else(|| anyhow!("token id {tok} is outside the vocabulary of {vocab}"))?;
+        x.extend_from_slice(row);
+    }
+    Ok(x)
 }
 
 impl Model {
@@ -76,21 +177,9 @@ impl Model {
         let r = Reader { source };
         let d = c.hidden_size;
         let embed = Arc::new(r.get("model.embed_tokens.weight", &[c.vocab_size, d])?);
-        let mut blocks = Vec::with_capacity(c.n_layers);
-        for i in 0..c.n_layers {
-            let n = |m: &str| block_tensor_name(i, m);
-            blocks.push(Block {
-                attn_norm: r.get(&n("input_layernorm.weight"), &[d])?,
-                q: r.linear(&n("self_attn.q_proj"), c.q_dim(), d)?,
-                k: r.linear(&n("self_attn.k_proj"), c.kv_dim(), d)?,
-                v: r.linear(&n("self_attn.v_proj"), c.kv_dim(), d)?,
-                o: r.linear(&n("self_attn.o_proj"), d, c.q_dim())?,
-                ffn_norm: r.get(&n("post_attention_layernorm.weight"), &[d])?,
-                gate: r.linear(&n("mlp.gate_proj"), c.intermediate_size, d)?,
-                up: r.linear(&n("mlp.up_proj"), c.intermediate_size, d)?,
-                down: r.linear(&n("mlp.down_proj"), d, c.intermediate_size)?,
-            });
-        }
+        let blocks = (0..c.n_layers)
+            .map(|i| Block::load(c, source, i))
+            .collect::<Result<Vec<_>>>()?;
         let norm = r.get("model.norm.weight", &[d])?;
         let lm_head = if c.tie_embeddings {
             Linear::new(
@@ -130,70 +219,16 @@ impl Model {
                 cache.capacity()
             );
         }
-        let mut x = Vec::with_capacity(t * d);
-        for &tok in tokens {
-            let row = self
-                .embed
-                .get(tok as usize * d..(tok as usize + 1) * d)
-                .ok_or_else(|| {
-                    anyhow!(
-                        "token id {tok} is outside the vocabulary of {}",
-                        c.vocab_size
-                    )
-                })?;
-            x.extend_from_slice(row);
-        }
+        let mut x = embed_tokens(&self.embed, d, tokens)?;
         let rope = RopeTable::new(&self.inv_freq, p0, t);
         for (layer, block) in self.blocks.iter().enumerate() {
-            self.block_forward(layer, block, &mut x, t, cache, &rope);
+            let (k, v) = cache.layer_mut(layer);
+            block.forward(c, &mut x, t, k, v, p0, &rope, &mut |_, _| {});
         }
         cache.advance(t);
         let mut out = vec![0f32; t * d];
         rms_norm(&x, &self.norm, c.rms_eps, &mut out);
         Ok(out)
-    }
-
-    fn block_forward(
-        &self,
-        layer: usize,
-        b: &Block,
-        x: &mut [f32],
-        t: usize,
-        cache: &mut KvCache,
-        rope: &RopeTable,
-    ) {
-        let c = &self.config;
-        let mut h = vec![0f32; x.len()];
-        rms_norm(x, &b.attn_norm, c.rms_eps, &mut h);
-        let mut q = b.q.forward(&h, t);
-        let mut k = b.k.forward(&h, t);
-        let v = b.v.forward(&h, t);
-        rope.apply(&mut q, c.n_heads, c.head_dim);
-        rope.apply(&mut k, c.n_kv_heads, c.head_dim);
-        cache.write(layer, &k, &v, t);
-        let mut attn = vec![0f32; t * c.q_dim()];
-        let shape = AttentionShape {
-            n_heads: c.n_heads,
-            n_kv_heads: c.n_kv_heads,
-            head_dim: c.head_dim,
-        };
-        causal_attention(
-            &q,
-            &cache.k[layer],
-            &cache.v[layer],
-            &mut attn,
-            t,
-            cache.len(),
-            shape,
-        );
-        let o = b.o.forward(&attn, t);
-        x.iter_mut().zip(&o).for_each(|(a, b)| *a += b);
-        rms_norm(x, &b.ffn_norm, c.rms_eps, &mut h);
-        let mut gate = b.gate.forward(&h, t);
-        let up = b.up.forward(&h, t);
-        silu_mul(&mut gate, &up);
-        let down = b.down.forward(&gate, t);
-        x.iter_mut().zip(&down).for_each(|(a, b)| *a += b);
     }
 
     /// Logits of `n` hidden rows (`n · vocab_size` values).

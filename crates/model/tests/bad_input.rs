@@ -1,7 +1,7 @@
 //! Broken model directories give errors that name the file and the problem, never a panic.
 
-use recoup_formats::Tensor;
-use recoup_formats::hf::{ExportDtype, HfDir, write_hf_dir};
+use recoup_formats::hf::{HfDir, write_hf_dir};
+use recoup_formats::{DenseDtype, Tensor};
 use recoup_model::{Model, ModelConfig};
 use serde_json::json;
 use std::path::Path;
@@ -49,7 +49,7 @@ fn write_tiny(dir: &Path, shapes: &[(String, Vec<usize>)]) {
         &tiny_config(),
         &names,
         &load,
-        ExportDtype::F32,
+        DenseDtype::F32,
         usize::MAX,
         &[],
     )

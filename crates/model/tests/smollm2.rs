@@ -2,7 +2,7 @@
 //! against an independent float64 numpy implementation (tools/fixtures/smollm2_logits.py),
 //! against itself through the KV cache, and through a safetensors round trip.
 
-use recoup_formats::hf::ExportDtype;
+use recoup_formats::DenseDtype;
 use recoup_model::{KvCache, Loaded, load};
 use std::path::PathBuf;
 use std::sync::OnceLock;
@@ -89,7 +89,7 @@ fn kv_cache_decode_equals_full_recompute() {
 }
 
 /// Exports SmolLM2 into a fresh directory; returns it with the export's path.
-fn export(dtype: ExportDtype, max_shard_bytes: usize) -> (tempfile::TempDir, PathBuf) {
+fn export(dtype: DenseDtype, max_shard_bytes: usize) -> (tempfile::TempDir, PathBuf) {
     let dir = tempfile::tempdir().unwrap();
     let opened = recoup_model::load::open(&smollm2_path()).unwrap();
     let out = dir.path().join("smollm2-hf");
@@ -101,7 +101,7 @@ fn export(dtype: ExportDtype, max_shard_bytes: usize) -> (tempfile::TempDir, Pat
 fn safetensors_export_reloads_to_identical_logits() {
     let g = golden();
     // A small shard limit forces the sharded layout with an index.
-    let (_dir, out) = export(ExportDtype::F32, 64 << 20);
+    let (_dir, out) = export(DenseDtype::F32, 64 << 20);
     assert!(
         out.join("model.safetensors.index.json").exists(),
         "expected shards"
@@ -129,7 +129,7 @@ fn safetensors_export_reloads_to_identical_logits() {
 #[test]
 fn bf16_export_stays_close() {
     let g = golden();
-    let (_dir, out) = export(ExportDtype::BF16, usize::MAX);
+    let (_dir, out) = export(DenseDtype::BF16, usize::MAX);
     assert!(
         out.join("model.safetensors").exists(),
         "one file when under the shard limit"

@@ -1,0 +1,283 @@
+//! recoup's native checkpoint: a Hugging Face model directory whose `model.safetensors` holds
+//! each quantized linear `P` packed (`P.qweight` u8 `[rows, packed bytes]`, `P.scales` f16
+//! `[rows, groups]`, `P.zeros` u8 `[rows, groups]` unless symmetric, `P.perm` i32 `[cols]`
+//! after act-order) beside the tensors kept dense as the source stored them, and whose
+//! `__metadata__["recoup"]` records how it was made ([`CheckpointMeta`]).
+
+use crate::hf::HfDir;
+use crate::packed::{GridSpec, PackedLinear, PackedMatrix, check_permutation};
+use anyhow::{Context, Result, anyhow, bail};
+use half::f16;
+use safetensors::Dtype;
+use safetensors::tensor::View;
+use serde::{Deserialize, Serialize};
+use std::borrow::Cow;
+use std::collections::{BTreeMap, HashMap};
+use std::path::Path;
+
+pub const FORMAT_VERSION: u32 = 1;
+/// The `__metadata__` key holding [`CheckpointMeta`] as JSON.
+pub const METADATA_KEY: &str = "recoup";
+
+/// How one linear layer was quantized.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct LayerRecord {
+    pub method: String,
+    pub bits: u32,
+    pub group: usize,
+    pub sym: bool,
+    pub rows: usize,
+    pub cols: usize,
+    pub act_order: bool,
+    /// Everything stored, scales, zeros and permutation included.
+    pub bits_per_weight: f64,
+    /// Layer-output error on the calibration inputs, `tr(E H Eᵀ) / tr(W H Wᵀ)`, `E = Ŵ − W`.
+    pub rel_error: Option<f64>,
+}
+
+/// How a checkpoint was made.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct CheckpointMeta {
+    pub format_version: u32,
+    pub method: String,
+    /// The method's settings (bits, group, symmetry, its own options).
+    pub settings: serde_json::Value,
+    /// Texts (with sha256), samples, sequence length and seed; absent for data-free methods.
+    pub calibration: Option<serde_json::Value>,
+    /// The source model: path and sha256 of its files.
+    pub source: serde_json::Value,
+    /// Per quantized linear, by prefix (`model.layers.0.self_attn.q_proj`).
+    pub layers: BTreeMap<String, LayerRecord>,
+}
+
+impl CheckpointMeta {
+    pub fn from_dir(dir: &HfDir) -> Result<Option<Self>> {
+        let Some(text) = dir.metadata(METADATA_KEY) else {
+            return Ok(None);
+        };
+        let meta: Self = serde_json::from_str(text).with_context(|| {
+            format!(
+                "{}: the recoup metadata is not valid",
+                dir_path(dir).display()
+            )
+        })?;
+        if meta.format_version > FORMAT_VERSION {
+            bail!(
+                "{}: recoup checkpoint format {} is newer than this build reads ({FORMAT_VERSION})",
+                dir_path(dir).display(),
+                meta.format_version
+            );
+        }
+        Ok(Some(meta))
+    }
+}
+
+fn dir_path(dir: &HfDir) -> &Path {
+    crate::TensorSource::path(dir)
+}
+
+/// A tensor about to be written: its bytes owned, borrowed from a mapping, or produced when
+/// the writer reaches it (so a file is written without holding all of it in memory).
+pub struct StoredTensor<'a> {
+    pub dtype: Dtype,
+    pub shape: Vec<usize>,
+    bytes: Bytes<'a>,
+}
+
+type Produce<'a> = Box<dyn Fn() -> Vec<u8> + 'a>;
+
+enum Bytes<'a> {
+    Owned(Vec<u8>),
+    Borrowed(&'a [u8]),
+    Lazy(Produce<'a>),
+}
+
+fn dtype_bytes(dtype: Dtype) -> usize {
+    dtype.bitsize() / 8
+}
+
+impl<'a> StoredTensor<'a> {
+    pub fn owned(dtype: Dtype, shape: Vec<usize>, bytes: Vec<u8>) -> Self {
+        Self {
+            dtype,
+            shape,
+            bytes: Bytes::Owned(bytes),
+        }
+    }
+
+    pub fn borrowed(dtype: Dtype, shape: Vec<usize>, bytes: &'a [u8]) -> Self {
+        Self {
+            dtype,
+            shape,
+            bytes: Bytes::Borrowed(bytes),
+        }
+    }
+
+    /// `produce` must return `shape.product() · size_of(dtype)` bytes.
+    pub fn lazy(dtype: Dtype, shape: Vec<usize>, produce: impl Fn() -> Vec<u8> + 'a) -> Self {
+        Self {
+            dtype,
+            shape,
+            bytes: Bytes::Lazy(Box::new(produce)),
+        }
+    }
+}
+
+impl View for &StoredTensor<'_> {
+    fn dtype(&self) -> Dtype {
+        self.dtype
+    }
+    fn shape(&self) -> &[usize] {
+        &self.shape
+    }
+    fn data(&self) -> Cow<'_, [u8]> {
+        match &self.bytes {
+            Bytes::Owned(b) => Cow::Borrowed(b),
+            Bytes::Borrowed(b) => Cow::Borrowed(b),
+            Bytes::Lazy(f) => {
+                let b = f();
+                assert_eq!(
+                    b.len(),
+                    self.data_len(),
+                    "lazy tensor produced the wrong size"
+                );
+                Cow::Owned(b)
+            }
+        }
+    }
+    fn data_len(&self) -> usize {
+        self.shape.iter().product::<usize>() * dtype_bytes(self.dtype)
+    }
+}
+
+/// Writes a safetensors file atomically (a temporary file beside `path`, renamed into place).
+pub fn write_safetensors(
+    path: &Path,
+    tensors: &[(String, StoredTensor<'_>)],
+    metadata: HashMap<String, String>,
+) -> Result<()> {
+    let parent = path.parent().filter(|p| !p.as_os_str().is_empty());
+    let parent = parent.unwrap_or(Path::new("."));
+    let tmp = tempfile::Builder::new()
+        .prefix(".partial-")
+        .tempfile_in(parent)
+        .with_context(|| format!("cannot create a temporary file in {}", parent.display()))?;
+    safetensors::serialize_to_file(
+        tensors.iter().map(|(n, t)| (n.as_str(), t)),
+        Some(metadata),
+        tmp.path(),
+    )
+    .with_context(|| format!("cannot write {}", path.display()))?;
+    tmp.persist(path)
+        .with_context(|| format!("cannot rename into {}", path.display()))?;
+    Ok(())
+}
+
+/// The tensors that store one packed linear `prefix`.
+pub fn packed_tensors(prefix: &str, p: &PackedLinear) -> Vec<(String, StoredTensor<'static>)> {
+    let m = &p.matrix;
+    let groups = m.groups_per_row();
+    let mut out = vec![
+        (
+            format!("{prefix}.qweight"),
+            StoredTensor::owned(
+                Dtype::U8,
+                vec![m.rows, m.spec.row_bytes(m.cols)],
+                m.codes.clone(),
+            ),
+        ),
+        (
+            format!("{prefix}.scales"),
+            StoredTensor::owned(
+                Dtype::F16,
+                vec![m.rows, groups],
+                m.scales.iter().flat_map(|s| s.to_le_bytes()).collect(),
+            ),
+        ),
+    ];
+    if !m.spec.sym {
+        out.push((
+            format!("{prefix}.zeros"),
+            StoredTensor::owned(Dtype::U8, vec![m.rows, groups], m.zeros.clone()),
+        ));
+    }
+    if let Some(perm) = &p.perm {
+        out.push((
+            format!("{prefix}.perm"),
+            StoredTensor::owned(
+                Dtype::I32,
+                vec![perm.len()],
+                perm.iter()
+                    .flat_map(|&v| (v as i32).to_le_bytes())
+                    .collect(),
+            ),
+        ));
+    }
+    out
+}
+
+/// Reads the packed linear `prefix` of a recoup checkpoint; `None` if it is stored dense.
+pub fn read_packed(dir: &HfDir, prefix: &str) -> Result<Option<PackedLinear>> {
+    let qweight = format!("{prefix}.qweight");
+    if dir.raw(&qweight).is_none() {
+        return Ok(None);
+    }
+    let path = dir_path(dir).display();
+    let meta = CheckpointMeta::from_dir(dir)?.ok_or_else(|| {
+        anyhow!("{path}: {qweight} is packed but the file has no recoup metadata")
+    })?;
+    let rec = meta
+        .layers
+        .get(prefix)
+        .ok_or_else(|| anyhow!("{path}: the recoup metadata does not describe {prefix}"))?;
+    let spec =
+        GridSpec::new(rec.bits, rec.group, rec.sym).with_context(|| format!("{path}: {prefix}"))?;
+    let (rows, cols) = (rec.rows, rec.cols);
+    if !cols.is_multiple_of(spec.group) {
+        bail!(
+            "{path}: {prefix} has {cols} columns, not a multiple of its group {}",
+            spec.group
+        );
+    }
+    let groups = cols / spec.group;
+    let part = |suffix: &str, dtype: Dtype, shape: &[usize]| -> Result<&[u8]> {
+        let name = format!("{prefix}.{suffix}");
+        let (d, s, bytes) = dir
+            .raw(&name)
+            .ok_or_else(|| anyhow!("{path}: {name} is missing"))?;
+        if d != dtype || s != shape {
+            bail!("{path}: {name} is {d:?} {s:?}, expected {dtype:?} {shape:?}");
+        }
+        Ok(bytes)
+    };
+    let codes = part("qweight", Dtype::U8, &[rows, spec.row_bytes(cols)])?.to_vec();
+    let scales = part("scales", Dtype::F16, &[rows, groups])?
+        .chunks_exact(2)
+        .map(|b| f16::from_le_bytes([b[0], b[1]]))
+        .collect();
+    let zeros = if spec.sym {
+        Vec::new()
+    } else {
+        part("zeros", Dtype::U8, &[rows, groups])?.to_vec()
+    };
+    let matrix = PackedMatrix::new(
+        spec,
+        rows,
+        cols,
+        codes,
+        scales,
+        zeros,
+        &format!("{path}: {prefix}"),
+    )?;
+    let perm = if rec.act_order {
+        let perm: Vec<u32> = part("perm", Dtype::I32, &[cols])?
+            .chunks_exact(4)
+            .map(|b| i32::from_le_bytes(b.try_into().unwrap()) as u32)
+            .collect();
+        check_permutation(&perm, cols, &format!("{path}: {prefix}.perm"))?;
+        Some(perm)
+    } else {
+        None
+    };
+    Ok(Some(PackedLinear { matrix, perm }))
+}

@@ -1,0 +1,425 @@
+//! recoup's packed low-bit weights: integer codes on a uniform grid, a scale (and a zero
+//! point when asymmetric) per group of input channels, per output row.
+//!
+//! Codes are packed in blocks of 32 consecutive input channels, each bit width laid out so a
+//! SIMD kernel recovers 8, 16 or 32 consecutive codes with one shift and mask, and no value
+//! straddles a byte (3-bit is a 2-bit plane plus a 1-bit plane, as ggml's Q3_K does).
+//! A dequantized weight is `scale · (code − zero)`; symmetric grids use `zero = 2^(bits−1)`.
+
+use anyhow::{Result, bail};
+use half::f16;
+
+/// Input channels per packed block; every group size is a multiple of it.
+pub const BLOCK: usize = 32;
+
+/// One block layout: how 32 codes of one bit width become bytes and back.
+pub trait CodePacking {
+    const BITS: u32;
+    /// Bytes of one block of [`BLOCK`] codes.
+    const BLOCK_BYTES: usize;
+    /// Packs 32 codes (each `< 2^BITS`) into `out[..BLOCK_BYTES]`.
+    fn pack(codes: &[u8; BLOCK], out: &mut [u8]);
+    /// Unpacks `bytes[..BLOCK_BYTES]` into 32 codes.
+    fn unpack(bytes: &[u8], codes: &mut [u8; BLOCK]);
+}
+
+/// 2-bit: byte `j` (0..8) holds codes `j`, `j+8`, `j+16`, `j+24` in bit pairs 0, 2, 4, 6.
+pub struct Packing2;
+/// 3-bit: the low two bits as [`Packing2`] (8 bytes), then the high bits as one
+/// little-endian 32-bit mask (bit `i` = high bit of code `i`).
+pub struct Packing3;
+/// 4-bit: byte `j` (0..16) holds code `j` in its low nibble and code `j+16` in its high one
+/// (ggml's Q4_0 order).
+pub struct Packing4;
+/// 8-bit: one byte per code.
+pub struct Packing8;
+
+impl CodePacking for Packing2 {
+    const BITS: u32 = 2;
+    const BLOCK_BYTES: usize = 8;
+    fn pack(codes: &[u8; BLOCK], out: &mut [u8]) {
+        for j in 0..8 {
+            out[j] = (0..4).fold(0u8, |b, s| b | (codes[j + 8 * s] & 3) << (2 * s));
+        }
+    }
+    fn unpack(bytes: &[u8], codes: &mut [u8; BLOCK]) {
+        for j in 0..8 {
+            for s in 0..4 {
+                codes[j + 8 * s] = (bytes[j] >> (2 * s)) & 3;
+            }
+        }
+    }
+}
+
+impl CodePacking for Packing3 {
+    const BITS: u32 = 3;
+    const BLOCK_BYTES: usize = 12;
+    fn pack(codes: &[u8; BLOCK], out: &mut [u8]) {
+        let mut low = [0u8; BLOCK];
+        let mut high = 0u32;
+        for (i, &c) in codes.iter().enumerate() {
+            low[i] = c & 3;
+            high |= u32::from((c >> 2) & 1) << i;
+        }
+        Packing2::pack(&low, &mut out[..8]);
+        out[8..12].copy_from_slice(&high.to_le_bytes());
+    }
+    fn unpack(bytes: &[u8], codes: &mut [u8; BLOCK]) {
+        Packing2::unpack(&bytes[..8], codes);
+        let high = u32::from_le_bytes(bytes[8..12].try_into().unwrap());
+        for (i, c) in codes.iter_mut().enumerate() {
+            *c |= (((high >> i) & 1) as u8) << 2;
+        }
+    }
+}
+
+impl CodePacking for Packing4 {
+    const BITS: u32 = 4;
+    const BLOCK_BYTES: usize = 16;
+    fn pack(codes: &[u8; BLOCK], out: &mut [u8]) {
+        for j in 0..16 {
+            out[j] = (codes[j] & 15) | (codes[j + 16] & 15) << 4;
+        }
+    }
+    fn unpack(bytes: &[u8], codes: &mut [u8; BLOCK]) {
+        for j in 0..16 {
+            codes[j] = bytes[j] & 15;
+            codes[j + 16] = bytes[j] >> 4;
+        }
+    }
+}
+
+impl CodePacking for Packing8 {
+    const BITS: u32 = 8;
+    const BLOCK_BYTES: usize = 32;
+    fn pack(codes: &[u8; BLOCK], out: &mut [u8]) {
+        out[..BLOCK].copy_from_slice(codes);
+    }
+    fn unpack(bytes: &[u8], codes: &mut [u8; BLOCK]) {
+        codes.copy_from_slice(&bytes[..BLOCK]);
+    }
+}
+
+/// The grid a matrix is quantized on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct GridSpec {
+    /// 2, 3, 4 or 8.
+    pub bits: u32,
+    /// Input channels per scale; equal to the matrix's columns for one scale per output row.
+    pub group: usize,
+    /// Symmetric grids store no zero point (it is `2^(bits−1)`).
+    pub sym: bool,
+}
+
+impl GridSpec {
+    pub fn new(bits: u32, group: usize, sym: bool) -> Result<Self> {
+        if ![2, 3, 4, 8].contains(&bits) {
+            bail!("{bits}-bit grids are not supported (2, 3, 4 or 8)");
+        }
+        if group == 0 || !group.is_multiple_of(BLOCK) {
+            bail!("group size {group} is not a positive multiple of {BLOCK}");
+        }
+        Ok(Self { bits, group, sym })
+    }
+
+    /// Largest code, `2^bits − 1`.
+    pub fn max_code(&self) -> u8 {
+        ((1u32 << self.bits) - 1) as u8
+    }
+
+    /// The zero point of a symmetric grid.
+    pub fn sym_zero(&self) -> u8 {
+        (1u32 << (self.bits - 1)) as u8
+    }
+
+    fn block_bytes(&self) -> usize {
+        match self.bits {
+            2 => Packing2::BLOCK_BYTES,
+            3 => Packing3::BLOCK_BYTES,
+            4 => Packing4::BLOCK_BYTES,
+            _ => Packing8::BLOCK_BYTES,
+        }
+    }
+
+    /// Packs `codes` (one row, a multiple of 32 long) into `out`.
+    pub fn pack_row(&self, codes: &[u8], out: &mut [u8]) {
+        let bb = self.block_bytes();
+        for (c, o) in codes.chunks_exact(BLOCK).zip(out.chunks_exact_mut(bb)) {
+            let c: &[u8; BLOCK] = c.try_into().unwrap();
+            match self.bits {
+                2 => Packing2::pack(c, o),
+                3 => Packing3::pack(c, o),
+                4 => Packing4::pack(c, o),
+                _ => Packing8::pack(c, o),
+            }
+        }
+    }
+
+    /// Unpacks one row of packed bytes into `codes`.
+    pub fn unpack_row(&self, bytes: &[u8], codes: &mut [u8]) {
+        let bb = self.block_bytes();
+        for (b, c) in bytes.chunks_exact(bb).zip(codes.chunks_exact_mut(BLOCK)) {
+            let c: &mut [u8; BLOCK] = c.try_into().unwrap();
+            match self.bits {
+                2 => Packing2::unpack(b, c),
+                3 => Packing3::unpack(b, c),
+                4 => Packing4::unpack(b, c),
+                _ => Packing8::unpack(b, c),
+            }
+        }
+    }
+
+    /// Packed bytes of one row of `cols` codes.
+    pub fn row_bytes(&self, cols: usize) -> usize {
+        cols / BLOCK * self.block_bytes()
+    }
+}
+
+/// A quantized `[rows, cols]` weight: packed codes, f16 scales and u8 zero points, each
+/// row-major with one entry per (row, group).
+#[derive(Clone, Debug, PartialEq)]
+pub struct PackedMatrix {
+    pub spec: GridSpec,
+    pub rows: usize,
+    pub cols: usize,
+    pub codes: Vec<u8>,
+    pub scales: Vec<f16>,
+    /// Empty for symmetric grids.
+    pub zeros: Vec<u8>,
+}
+
+impl PackedMatrix {
+    /// Checks that the parts agree with the shape and grid; `what` names the tensor in errors.
+    pub fn new(
+        spec: GridSpec,
+        rows: usize,
+        cols: usize,
+        codes: Vec<u8>,
+        scales: Vec<f16>,
+        zeros: Vec<u8>,
+        what: &str,
+    ) -> Result<Self> {
+        if !cols.is_multiple_of(spec.group) {
+            bail!(
+                "{what}: {cols} columns are not a multiple of the group size {}",
+                spec.group
+            );
+        }
+        let groups = rows * (cols / spec.group);
+        let want_zeros = if spec.sym { 0 } else { groups };
+        if codes.len() != rows * spec.row_bytes(cols)
+            || scales.len() != groups
+            || zeros.len() != want_zeros
+        {
+            bail!(
+                "{what}: packed parts do not match a [{rows}, {cols}] {}-bit g{} matrix \
+                 ({} code bytes, {} scales, {} zeros)",
+                spec.bits,
+                spec.group,
+                codes.len(),
+                scales.len(),
+                zeros.len()
+            );
+        }
+        if let Some(z) = zeros.iter().find(|&&z| z > spec.max_code()) {
+            bail!("{what}: zero point {z} is off the {}-bit grid", spec.bits);
+        }
+        Ok(Self {
+            spec,
+            rows,
+            cols,
+            codes,
+            scales,
+            zeros,
+        })
+    }
+
+    pub fn groups_per_row(&self) -> usize {
+        self.cols / self.spec.group
+    }
+
+    /// Zero point of group `g` of `row`.
+    pub fn zero(&self, row: usize, g: usize) -> u8 {
+        if self.spec.sym {
+            self.spec.sym_zero()
+        } else {
+            self.zeros[row * self.groups_per_row() + g]
+        }
+    }
+
+    /// Codes of one row.
+    pub fn row_codes(&self, row: usize, codes: &mut [u8]) {
+        let rb = self.spec.row_bytes(self.cols);
+        self.spec
+            .unpack_row(&self.codes[row * rb..(row + 1) * rb], codes);
+    }
+
+    /// Scalar reference dequantization of one row into `out[..cols]`.
+    pub fn dequantize_row(&self, row: usize, out: &mut [f32]) {
+        let mut codes = vec![0u8; self.cols];
+        self.row_codes(row, &mut codes);
+        let gpr = self.groups_per_row();
+        for (g, (c, o)) in codes
+            .chunks_exact(self.spec.group)
+            .zip(out.chunks_exact_mut(self.spec.group))
+            .enumerate()
+        {
+            let s = self.scales[row * gpr + g].to_f32();
+            let z = f32::from(self.zero(row, g));
+            for (o, &q) in o.iter_mut().zip(c) {
+                *o = s * (f32::from(q) - z);
+            }
+        }
+    }
+
+    /// The whole matrix as f32, rows in parallel.
+    pub fn dequantize(&self) -> Vec<f32> {
+        use rayon::prelude::*;
+        let mut out = vec![0f32; self.rows * self.cols];
+        out.par_chunks_mut(self.cols)
+            .enumerate()
+            .for_each(|(r, row)| self.dequantize_row(r, row));
+        out
+    }
+
+    /// Bytes stored: codes, scales and zero points.
+    pub fn storage_bytes(&self) -> usize {
+        self.codes.len() + 2 * self.scales.len() + self.zeros.len()
+    }
+
+    /// Effective bits per weight, scales and zero points included.
+    pub fn bits_per_weight(&self) -> f64 {
+        8.0 * self.storage_bytes() as f64 / (self.rows * self.cols) as f64
+    }
+}
+
+/// A quantized linear layer's weights as stored: the packed matrix and, when its columns were
+/// quantized in a permuted order (GPTQ act-order), the permutation (stored column `j` is the
+/// original input channel `perm[j]`).
+#[derive(Clone, Debug, PartialEq)]
+pub struct PackedLinear {
+    pub matrix: PackedMatrix,
+    pub perm: Option<Vec<u32>>,
+}
+
+impl PackedLinear {
+    /// Dequantized weights `[rows, cols]` in the original column order.
+    pub fn dequantize(&self) -> Vec<f32> {
+        let w = self.matrix.dequantize();
+        let Some(perm) = &self.perm else { return w };
+        let cols = self.matrix.cols;
+        let mut out = vec![0f32; w.len()];
+        for (src, dst) in w.chunks_exact(cols).zip(out.chunks_exact_mut(cols)) {
+            for (j, &p) in perm.iter().enumerate() {
+                dst[p as usize] = src[j];
+            }
+        }
+        out
+    }
+
+    /// Bytes stored, the permutation included.
+    pub fn storage_bytes(&self) -> usize {
+        self.matrix.storage_bytes() + self.perm.as_ref().map_or(0, |p| 4 * p.len())
+    }
+}
+
+/// Checks that `perm` is a permutation of `0..n`.
+pub fn check_permutation(perm: &[u32], n: usize, what: &str) -> Result<()> {
+    let mut seen = vec![false; n];
+    if perm.len() != n {
+        bail!(
+            "{what}: permutation has {} entries, expected {n}",
+            perm.len()
+        );
+    }
+    for &p in perm {
+        match seen.get_mut(p as usize) {
+            Some(s) if !*s => *s = true,
+            _ => bail!("{what}: not a permutation of 0..{n} (entry {p})"),
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A deterministic pseudo-random stream (xorshift), so this crate needs no rand.
+    fn codes(seed: u64, n: usize, bits: u32) -> Vec<u8> {
+        let mut s = seed;
+        (0..n)
+            .map(|_| {
+                s ^= s << 13;
+                s ^= s >> 7;
+                s ^= s << 17;
+                (s % (1 << bits)) as u8
+            })
+            .collect()
+    }
+
+    #[test]
+    fn every_packing_round_trips() {
+        for bits in [2, 3, 4, 8] {
+            let spec = GridSpec::new(bits, 64, false).unwrap();
+            let mut c = codes(bits as u64 + 1, 256, bits);
+            (c[0], c[255]) = (0, spec.max_code());
+            let mut packed = vec![0u8; spec.row_bytes(256)];
+            spec.pack_row(&c, &mut packed);
+            assert_eq!(packed.len() * 8, 256 * bits as usize, "{bits}-bit size");
+            let mut back = vec![0u8; 256];
+            spec.unpack_row(&packed, &mut back);
+            assert_eq!(back, c, "{bits}-bit");
+        }
+    }
+
+    #[test]
+    fn four_bit_layout_is_ggml_q4_0_order() {
+        let c: Vec<u8> = (0..32).map(|i| (i % 16) as u8).collect();
+        let mut p = [0u8; 16];
+        Packing4::pack(c.as_slice().try_into().unwrap(), &mut p);
+        assert_eq!(p[0], c[0] | c[16] << 4);
+        assert_eq!(p[15], c[15] | c[31] << 4);
+    }
+
+    #[test]
+    fn dequantize_uses_scale_and_zero_per_group() {
+        let spec = GridSpec::new(4, 32, false).unwrap();
+        let c = codes(9, 64, 4);
+        let mut packed = vec![0u8; spec.row_bytes(64)];
+        spec.pack_row(&c, &mut packed);
+        let scales = vec![f16::from_f32(0.5), f16::from_f32(-0.25)];
+        let m = PackedMatrix::new(spec, 1, 64, packed, scales, vec![3, 8], "t").unwrap();
+        let mut out = vec![0f32; 64];
+        m.dequantize_row(0, &mut out);
+        for i in 0..64 {
+            let (s, z) = if i < 32 { (0.5, 3.0) } else { (-0.25, 8.0) };
+            assert_eq!(out[i], s * (c[i] as f32 - z));
+        }
+        assert_eq!(m.bits_per_weight(), 4.0 + 2.0 * 24.0 / 64.0);
+    }
+
+    #[test]
+    fn inconsistent_parts_are_refused() {
+        let spec = GridSpec::new(3, 32, false).unwrap();
+        let ok = || {
+            (
+                vec![0u8; spec.row_bytes(64) * 2],
+                vec![f16::ONE; 4],
+                vec![0u8; 4],
+            )
+        };
+        let (c, s, z) = ok();
+        assert!(PackedMatrix::new(spec, 2, 64, c, s, z, "t").is_ok());
+        let (c, s, _) = ok();
+        let e = PackedMatrix::new(spec, 2, 64, c, s, vec![9u8; 4], "t").unwrap_err();
+        assert!(e.to_string().contains("off the 3-bit grid"), "{e}");
+        let (c, _, z) = ok();
+        let e = PackedMatrix::new(spec, 2, 64, c, vec![f16::ONE; 3], z, "t").unwrap_err();
+        assert!(e.to_string().contains("do not match"), "{e}");
+        assert!(GridSpec::new(5, 32, false).is_err());
+        assert!(GridSpec::new(4, 48, false).is_err());
+        assert!(check_permutation(&[0, 2, 2], 3, "p").is_err());
+        assert!(check_permutation(&[2, 0, 1], 3, "p").is_ok());
+    }
+}
