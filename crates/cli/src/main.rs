@@ -3,8 +3,10 @@
 mod bench;
 mod convert;
 mod fetch;
+mod inspect;
 mod ppl;
 mod progress;
+mod quantize;
 mod run;
 
 use anyhow::Result;
@@ -36,6 +38,10 @@ enum Command {
     Run(run::Args),
     /// Prompt-processing and generation speed, weight traffic and bandwidth reached.
     Bench(bench::Args),
+    /// Quantize a model block by block (RTN, GPTQ, AWQ), resumable, into a recoup checkpoint.
+    Quantize(quantize::Args),
+    /// Per-layer method, bits, bits per weight and layer-output error of a checkpoint.
+    Inspect(inspect::Args),
 }
 
 fn main() {
@@ -58,6 +64,8 @@ fn real_main(cli: Cli) -> Result<()> {
         Command::Ppl(a) => ppl::main(a),
         Command::Run(a) => run::main(a),
         Command::Bench(a) => bench::main(a),
+        Command::Quantize(a) => quantize::main(a),
+        Command::Inspect(a) => inspect::main(a),
     }
 }
 

@@ -68,12 +68,21 @@ impl HfDir {
                 dir.display()
             );
         };
+        let paths = shard_names.iter().map(|s| dir.join(s)).collect();
+        Self::from_files(dir, config, paths)
+    }
+
+    /// One safetensors file on its own (no config), e.g. a block written by `quantize`.
+    pub fn open_file(path: &Path) -> Result<Self> {
+        Self::from_files(path, serde_json::Value::Null, vec![path.to_path_buf()])
+    }
+
+    fn from_files(dir: &Path, config: serde_json::Value, paths: Vec<PathBuf>) -> Result<Self> {
         let mut files = Vec::new();
         let mut order = Vec::new();
         let mut entries = HashMap::new();
         let mut metadata = HashMap::new();
-        for (file_idx, shard) in shard_names.iter().enumerate() {
-            let path = dir.join(shard);
+        for (file_idx, path) in paths.into_iter().enumerate() {
             let file =
                 File::open(&path).with_context(|| format!("cannot open {}", path.display()))?;
             // SAFETY: read-only map of a file recoup does not modify while it is mapped.

@@ -168,6 +168,12 @@ pub fn write_safetensors(
         tmp.path(),
     )
     .with_context(|| format!("cannot write {}", path.display()))?;
+    // Temporary files are created private; the result is an ordinary file.
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(tmp.path(), std::fs::Permissions::from_mode(0o644))?;
+    }
     tmp.persist(path)
         .with_context(|| format!("cannot rename into {}", path.display()))?;
     Ok(())
@@ -233,13 +239,7 @@ pub fn read_packed(dir: &HfDir, prefix: &str) -> Result<Option<PackedLinear>> {
     let spec =
         GridSpec::new(rec.bits, rec.group, rec.sym).with_context(|| format!("{path}: {prefix}"))?;
     let (rows, cols) = (rec.rows, rec.cols);
-    if !cols.is_multiple_of(spec.group) {
-        bail!(
-            "{path}: {prefix} has {cols} columns, not a multiple of its group {}",
-            spec.group
-        );
-    }
-    let groups = cols / spec.group;
+    let groups = cols.div_ceil(spec.group);
     let part = |suffix: &str, dtype: Dtype, shape: &[usize]| -> Result<&[u8]> {
         let name = format!("{prefix}.{suffix}");
         let (d, s, bytes) = dir

@@ -106,6 +106,7 @@ pub struct GridSpec {
     /// 2, 3, 4 or 8.
     pub bits: u32,
     /// Input channels per scale; equal to the matrix's columns for one scale per output row.
+    /// A group size that does not divide the columns leaves a shorter last group.
     pub group: usize,
     /// Symmetric grids store no zero point (it is `2^(bits−1)`).
     pub sym: bool,
@@ -199,13 +200,10 @@ impl PackedMatrix {
         zeros: Vec<u8>,
         what: &str,
     ) -> Result<Self> {
-        if !cols.is_multiple_of(spec.group) {
-            bail!(
-                "{what}: {cols} columns are not a multiple of the group size {}",
-                spec.group
-            );
+        if !cols.is_multiple_of(BLOCK) {
+            bail!("{what}: {cols} columns are not a multiple of {BLOCK}");
         }
-        let groups = rows * (cols / spec.group);
+        let groups = rows * cols.div_ceil(spec.group);
         let want_zeros = if spec.sym { 0 } else { groups };
         if codes.len() != rows * spec.row_bytes(cols)
             || scales.len() != groups
@@ -234,8 +232,10 @@ impl PackedMatrix {
         })
     }
 
+    /// Groups per row; when the group size does not divide the columns the last group is
+    /// shorter (GPTQ's convention).
     pub fn groups_per_row(&self) -> usize {
-        self.cols / self.spec.group
+        self.cols.div_ceil(self.spec.group)
     }
 
     /// Zero point of group `g` of `row`.
@@ -260,8 +260,8 @@ impl PackedMatrix {
         self.row_codes(row, &mut codes);
         let gpr = self.groups_per_row();
         for (g, (c, o)) in codes
-            .chunks_exact(self.spec.group)
-            .zip(out.chunks_exact_mut(self.spec.group))
+            .chunks(self.spec.group)
+            .zip(out[..self.cols].chunks_mut(self.spec.group))
             .enumerate()
         {
             let s = self.scales[row * gpr + g].to_f32();

@@ -1,5 +1,6 @@
 //! Writing an opened model as a standard Hugging Face directory that transformers loads.
 
+use crate::Tokenizer;
 use crate::load::Opened;
 use anyhow::Result;
 use recoup_formats::DenseDtype;
@@ -17,14 +18,7 @@ pub fn export_hf(
     on_tensor: &(dyn Fn() + Sync),
 ) -> Result<usize> {
     let config = opened.config.to_hf()?;
-    let tk = &opened.tokenizer;
-    let extra = vec![
-        ("tokenizer.json".to_string(), tk.to_json()?),
-        (
-            "tokenizer_config.json".to_string(),
-            serde_json::to_string_pretty(&tk.hf_tokenizer_config())? + "\n",
-        ),
-    ];
+    let extra = tokenizer_files(&opened.tokenizer)?;
     // Only the tensors a transformers model has (GGUF extras such as rope_freqs are not).
     let names: Vec<String> = opened
         .source
@@ -39,4 +33,15 @@ pub fn export_hf(
     };
     write_hf_dir(dest, &config, &names, &load, dtype, max_shard_bytes, &extra)?;
     Ok(names.len())
+}
+
+/// `tokenizer.json` and `tokenizer_config.json` of a tokenizer, as (file name, text).
+pub fn tokenizer_files(tk: &Tokenizer) -> Result<Vec<(String, String)>> {
+    Ok(vec![
+        ("tokenizer.json".to_string(), tk.to_json()?),
+        (
+            "tokenizer_config.json".to_string(),
+            serde_json::to_string_pretty(&tk.hf_tokenizer_config())? + "\n",
+        ),
+    ])
 }

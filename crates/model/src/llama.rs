@@ -142,7 +142,7 @@ impl Block {
             n_kv_heads: c.n_kv_heads,
             head_dim: c.head_dim,
         };
-        causal_attention(&q, k_cache, v_cache, &mut attn, t, p0 + t, shape);
+        causal_attention(&q, k_cache, v_cache, &mut attn, t, p0, shape);
         tap(Site::O, &attn);
         let o = self.o.forward(&attn, t);
         x.iter_mut().zip(&o).for_each(|(a, b)| *a += b);

@@ -2,4 +2,11 @@
 //! streams a model one decoder block at a time, and one module per method behind
 //! [`method::Method`].
 
+pub mod awq;
+pub mod calib;
+pub mod error;
+pub mod gptq;
 pub mod grid;
+pub mod method;
+pub mod pipeline;
+pub mod rtn;

@@ -1,0 +1,240 @@
+use anyhow::{Context, Result, bail};
+use recoup_quant::awq::Awq;
+use recoup_quant::calib::{CalibText, sample_windows};
+use recoup_quant::gptq::{Gptq, GptqOptions};
+use recoup_quant::method::{GridChoice, Method};
+use recoup_quant::pipeline::{Event, Job, quantize, work_dir};
+use recoup_quant::rtn::Rtn;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+#[derive(clap::Args)]
+pub struct Args {
+    /// Model: a GGUF file, a Hugging Face directory, or an asset name (e.g. smollm2-135m).
+    #[arg(long)]
+    model: String,
+    #[arg(long, value_enum)]
+    method: MethodArg,
+    /// Bits per weight of the grid: 2, 3, 4 or 8.
+    #[arg(long, default_value_t = 4)]
+    bits: u32,
+    /// Input channels per scale (32, 64, 128, …), or `row` for one scale per output row.
+    #[arg(long, default_value = "128")]
+    group: String,
+    /// Symmetric grid (no zero points).
+    #[arg(long)]
+    sym: bool,
+    /// Calibration texts, comma-separated: files or asset names; `none` for RTN without
+    /// recording layer errors.
+    #[arg(long, default_value = "wiki-calib", value_delimiter = ',')]
+    calib: Vec<String>,
+    /// Calibration windows.
+    #[arg(long, default_value_t = 128)]
+    nsamples: usize,
+    /// Tokens per calibration window.
+    #[arg(long, default_value_t = 2048)]
+    seqlen: usize,
+    /// Seed of the window sampling.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Keep the linear layers whose name matches this regex dense
+    /// (e.g. `layers\.0\.` or `down_proj`).
+    #[arg(long)]
+    skip: Option<String>,
+    /// Which outputs feed the next block during calibration: those of the quantized block
+    /// (the standard) or of the f32 one.
+    #[arg(long, value_enum, default_value = "quantized")]
+    feed: FeedArg,
+    /// GPTQ: quantize columns in order of decreasing activation energy (stores a permutation).
+    #[arg(long)]
+    act_order: bool,
+    /// GPTQ: damping as a fraction of the mean diagonal of H.
+    #[arg(long, default_value_t = 0.01)]
+    damp: f64,
+    /// AWQ: calibration rows (over all windows) on which the scale search is evaluated.
+    #[arg(long, default_value_t = 2048)]
+    awq_rows: usize,
+    /// Output directory (a recoup checkpoint, written atomically).
+    #[arg(long)]
+    out: PathBuf,
+    /// Continue an interrupted run of the same command from its last finished block.
+    #[arg(long)]
+    resume: bool,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum MethodArg {
+    Rtn,
+    Gptq,
+    Awq,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum FeedArg {
+    Quantized,
+    F32,
+}
+
+fn grid(args: &Args) -> Result<GridChoice> {
+    let group = match args.group.as_str() {
+        "row" => None,
+        g => Some(g.parse::<usize>().with_context(|| {
+            format!("--group {g}: expected a number of input channels or `row`")
+        })?),
+    };
+    let choice = GridChoice {
+        bits: args.bits,
+        group,
+        sym: args.sym,
+    };
+    // Validate bits and group now rather than at the first layer.
+    choice.spec(group.unwrap_or(recoup_formats::packed::BLOCK))?;
+    Ok(choice)
+}
+
+/// sha256 of a model's weight files (the file itself, or a directory's safetensors).
+fn source_record(path: &Path) -> Result<serde_json::Value> {
+    let mut files = Vec::new();
+    if path.is_dir() {
+        let mut names: Vec<PathBuf> = std::fs::read_dir(path)?
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| p.extension().is_some_and(|x| x == "safetensors"))
+            .collect();
+        names.sort();
+        for p in names {
+            let name = p.file_name().unwrap().to_string_lossy().into_owned();
+            files.push(
+                serde_json::json!({ "file": name, "sha256": recoup_assets::sha256_file(&p)? }),
+            );
+        }
+    } else {
+        files.push(serde_json::json!({ "file": path.file_name().unwrap().to_string_lossy(), "sha256": recoup_assets::sha256_file(path)? }));
+    }
+    Ok(serde_json::json!({ "path": path.display().to_string(), "files": files }))
+}
+
+/// Peak resident memory of this process so far, in bytes (Linux).
+pub fn peak_rss_bytes() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024)
+}
+
+pub fn main(args: Args) -> Result<()> {
+    let start = Instant::now();
+    let grid = grid(&args)?;
+    let method: Box<dyn Method> = match args.method {
+        MethodArg::Rtn => Box::new(Rtn { grid }),
+        MethodArg::Awq => Box::new(Awq {
+            grid,
+            sample_rows: args.awq_rows,
+            ..Default::default()
+        }),
+        MethodArg::Gptq => Box::new(Gptq {
+            grid,
+            options: GptqOptions {
+                damp: args.damp,
+                act_order: args.act_order,
+                ..Default::default()
+            },
+        }),
+    };
+    if args.act_order && !matches!(args.method, MethodArg::Gptq) {
+        bail!("--act-order applies to --method gptq only");
+    }
+    let skip = args
+        .skip
+        .as_deref()
+        .map(regex::Regex::new)
+        .transpose()
+        .context("--skip is not a valid regular expression")?;
+    let model_path = recoup_assets::resolve(&args.model, recoup_assets::AssetKind::Model)?;
+    let opened = recoup_model::load::open(&model_path)?;
+    let no_calib = args.calib.len() == 1 && args.calib[0] == "none";
+    if no_calib && method.needs_calibration() {
+        bail!(
+            "{} needs calibration data: --calib none is for rtn only",
+            method.name()
+        );
+    }
+    let calibration = if !no_calib {
+        let mut texts = Vec::new();
+        for name in &args.calib {
+            let path = recoup_assets::resolve(name, recoup_assets::AssetKind::Text)?;
+            let content = std::fs::read_to_string(&path)
+                .with_context(|| format!("cannot read calibration text {}", path.display()))?;
+            texts.push(CalibText {
+                name: name.clone(),
+                sha256: recoup_assets::sha256_file(&path)?,
+                content,
+            });
+        }
+        let set = sample_windows(
+            &texts,
+            &opened.tokenizer,
+            args.nsamples,
+            args.seqlen,
+            args.seed,
+        )?;
+        eprintln!(
+            "recoup: calibrating on {} windows of {} tokens from {} (seed {})",
+            args.nsamples,
+            args.seqlen,
+            args.calib.join(", "),
+            args.seed
+        );
+        Some(set)
+    } else {
+        None
+    };
+    let job = Job {
+        opened: &opened,
+        method: method.as_ref(),
+        calibration: calibration.as_ref(),
+        skip: skip.as_ref(),
+        sequential: matches!(args.feed, FeedArg::Quantized),
+        source: source_record(&model_path)?,
+        out: &args.out,
+        resume: args.resume,
+    };
+    eprintln!(
+        "recoup: {} {}-bit, group {}, {} → {} (finished blocks kept in {})",
+        method.name(),
+        args.bits,
+        args.group,
+        if args.sym { "symmetric" } else { "asymmetric" },
+        args.out.display(),
+        work_dir(&args.out).display()
+    );
+    let pb = crate::progress::bar(0, "blocks");
+    let summary = quantize(&job, &mut |e| match e {
+        Event::Started { done, blocks } => {
+            pb.set_length(blocks as u64);
+            pb.set_position(done as u64);
+            pb.reset_eta();
+            if done > 0 {
+                pb.println(format!("recoup: resuming after {done} finished blocks"));
+            }
+        }
+        Event::BlockDone { layer, .. } => {
+            pb.set_position(layer as u64 + 1);
+        }
+        Event::Writing => pb.set_message("writing checkpoint"),
+    })?;
+    pb.finish_and_clear();
+    println!(
+        "quantized {} layers with {}: {:.3} bits per weight{}; wrote {} in {:.1}s, peak RSS {:.2} GiB",
+        summary.quantized_layers,
+        method.name(),
+        summary.bits_per_weight,
+        summary
+            .mean_rel_error
+            .map(|e| format!(", mean layer-output error {e:.5}"))
+            .unwrap_or_default(),
+        args.out.display(),
+        start.elapsed().as_secs_f64(),
+        peak_rss_bytes().unwrap_or(0) as f64 / (1u64 << 30) as f64
+    );
+    Ok(())
+}

@@ -1,0 +1,439 @@
+//! AWQ (Lin et al., 2024): before rounding, input channels that see large activations are
+//! scaled up, `W·diag(s)`, and the inverse scale is folded into whatever produces that
+//! input (the RMSNorm before q/k/v and gate/up, the up projection before down, and v before
+//! o when their shapes match), so the f32 model computes exactly what it did before. The
+//! scales are `s = mean|x|^α`, α searched on a grid against the output error of the layers
+//! sharing the input on a fixed subsample of calibration rows; then each group's range is
+//! clipped where that lowers its output error (the group's block of `H`), except for q and k
+//! whose errors attention amplifies.
+//!
+//! Differences from AutoAWQ, on purpose: the scale search measures the error of the linear
+//! outputs themselves (AutoAWQ measures q/k/v through the attention and gate/up through the
+//! MLP), and the clip search uses every calibration token through `H` instead of a sample.
+
+use crate::calib::BlockStats;
+use crate::grid::{GroupParams, Quantized};
+use crate::method::{BlockWeights, GridChoice, LinearName, Method, QuantizedLinear};
+use anyhow::{Result, anyhow};
+use rayon::prelude::*;
+use recoup_formats::packed::{GridSpec, PackedLinear};
+use recoup_kernels::matmul::matmul_wt;
+use recoup_model::llama::Site;
+
+pub struct Awq {
+    pub grid: GridChoice,
+    /// α is searched over `0, 1/n, …, (n−1)/n`.
+    pub scale_grid: usize,
+    /// Clipping ratios searched: `1, 1 − 1/n, …` down to `1 − max_shrink`.
+    pub clip_grid: usize,
+    pub max_shrink: f32,
+    /// Calibration rows (over all windows) the scale search evaluates.
+    pub sample_rows: usize,
+}
+
+impl Default for Awq {
+    fn default() -> Self {
+        Self {
+            grid: GridChoice {
+                bits: 4,
+                group: Some(128),
+                sym: false,
+            },
+            scale_grid: 20,
+            clip_grid: 20,
+            max_shrink: 0.5,
+            sample_rows: 2048,
+        }
+    }
+}
+
+/// The layers sharing one input, and the tensor that produces that input.
+struct ScaleGroup {
+    site: Site,
+    layers: &'static [LinearName],
+    prev: Prev,
+}
+
+#[derive(Clone, Copy, PartialEq)]
+enum Prev {
+    AttnNorm,
+    FfnNorm,
+    /// The rows of a linear layer (and its bias).
+    Linear(LinearName),
+}
+
+const GROUPS: [ScaleGroup; 4] = [
+    ScaleGroup {
+        site: Site::Qkv,
+        layers: &[LinearName::Q, LinearName::K, LinearName::V],
+        prev: Prev::AttnNorm,
+    },
+    ScaleGroup {
+        site: Site::O,
+        layers: &[LinearName::O],
+        prev: Prev::Linear(LinearName::V),
+    },
+    ScaleGroup {
+        site: Site::GateUp,
+        layers: &[LinearName::Gate, LinearName::Up],
+        prev: Prev::FfnNorm,
+    },
+    ScaleGroup {
+        site: Site::Down,
+        layers: &[LinearName::Down],
+        prev: Prev::Linear(LinearName::Up),
+    },
+];
+
+/// Multiplies the input channels of `layers` by `s` and divides what produces their input
+/// by it: the block's f32 outputs are unchanged. Returns false (and changes nothing) when
+/// the producer's outputs are not the layers' inputs one to one (v before o under GQA).
+fn fold(block: &mut BlockWeights, layers: &[LinearName], prev: Prev, s: &[f32]) -> bool {
+    match prev {
+        Prev::AttnNorm => block
+            .attn_norm
+            .iter_mut()
+            .zip(s)
+            .for_each(|(w, &si)| *w /= si),
+        Prev::FfnNorm => block
+            .ffn_norm
+            .iter_mut()
+            .zip(s)
+            .for_each(|(w, &si)| *w /= si),
+        Prev::Linear(name) => {
+            let p = block.linear_mut(name);
+            if p.rows != s.len() {
+                return false;
+            }
+            for (row, &si) in p.w.chunks_exact_mut(p.cols).zip(s) {
+                row.iter_mut().for_each(|w| *w /= si);
+            }
+            if let Some(b) = &mut p.bias {
+                b.iter_mut().zip(s).for_each(|(v, &si)| *v /= si);
+            }
+        }
+    }
+    for &name in layers {
+        let l = block.linear_mut(name);
+        for row in l.w.chunks_exact_mut(l.cols) {
+            row.iter_mut().zip(s).for_each(|(w, &si)| *w *= si);
+        }
+    }
+    block.modified = true;
+    true
+}
+
+/// Whether `prev` feeds `site`'s channels one to one in this block.
+fn foldable(block: &BlockWeights, prev: Prev, n: usize) -> bool {
+    match prev {
+        Prev::Linear(name) => block.linear(name).rows == n,
+        _ => true,
+    }
+}
+
+/// `Σ ‖X (Ŵ − W)ᵀ‖²` over `layers` when their input channels are scaled by `s` before RTN.
+fn scaled_rtn_loss(
+    block: &BlockWeights,
+    layers: &[LinearName],
+    x: &[f32],
+    tokens: usize,
+    s: &[f32],
+    grid: &GridChoice,
+) -> Result<f64> {
+    let mut loss = 0f64;
+    for &name in layers {
+        let l = block.linear(name);
+        let spec = grid.spec(l.cols)?;
+        let mut scaled = l.w.clone();
+        for row in scaled.chunks_exact_mut(l.cols) {
+            row.iter_mut().zip(s).for_each(|(w, &si)| *w *= si);
+        }
+        let q = crate::grid::quantize_rtn(
+            &scaled,
+            l.rows,
+            l.cols,
+            &spec,
+            crate::grid::Clip::None,
+            None,
+        );
+        let deq = q.pack(spec, l.rows, l.cols).dequantize();
+        let err: Vec<f32> = deq
+            .chunks_exact(l.cols)
+            .zip(l.w.chunks_exact(l.cols))
+            .flat_map(|(d, w)| d.iter().zip(s).zip(w).map(|((&d, &si), &w)| d / si - w))
+            .collect();
+        let mut y = vec![0f32; tokens * l.rows];
+        matmul_wt(x, &err, &mut y, tokens, l.cols, l.rows);
+        loss += y.iter().map(|&v| (v as f64) * (v as f64)).sum::<f64>();
+    }
+    Ok(loss)
+}
+
+impl Awq {
+    /// The best `s = mean|x|^α` (normalized so that `max·min = 1`) for one scale group.
+    fn search_scale(
+        &self,
+        block: &BlockWeights,
+        g: &ScaleGroup,
+        stats: &BlockStats,
+    ) -> Result<Vec<f32>> {
+        let st = stats.site(g.site);
+        let tokens = st.rows.len() / st.n;
+        let mut best: Option<(f64, Vec<f32>)> = None;
+        for i in 0..self.scale_grid {
+            let alpha = i as f64 / self.scale_grid as f64;
+            let mut s: Vec<f32> = st
+                .abs_mean
+                .iter()
+                .map(|&m| (m.powf(alpha) as f32).max(1e-4))
+                .collect();
+            let (lo, hi) = s
+                .iter()
+                .fold((f32::MAX, 0f32), |(lo, hi), &v| (lo.min(v), hi.max(v)));
+            let norm = (lo * hi).sqrt();
+            s.iter_mut().for_each(|v| *v /= norm);
+            let loss = scaled_rtn_loss(block, g.layers, &st.rows, tokens, &s, &self.grid)?;
+            if best.as_ref().is_none_or(|(b, _)| loss < *b) {
+                best = Some((loss, s));
+            }
+        }
+        Ok(best.expect("scale grid is not empty").1)
+    }
+
+    /// RTN of a (scaled) layer with each group's clipping ratio chosen against `h`, its
+    /// input's Hessian in the scaled basis.
+    fn quantize_clipped(
+        &self,
+        w: &[f32],
+        rows: usize,
+        cols: usize,
+        spec: &GridSpec,
+        h: Option<&[f32]>,
+    ) -> Quantized {
+        let g = spec.group;
+        let gpr = cols.div_ceil(g);
+        let steps = (self.max_shrink * self.clip_grid as f32).round() as usize;
+        let ratios: Vec<f32> = (0..steps.max(1))
+            .map(|i| 1.0 - i as f32 / self.clip_grid as f32)
+            .collect();
+        let mut codes = vec![0u8; rows * cols];
+        let mut params = vec![
+            GroupParams {
+                scale: half::f16::ONE,
+                zero: 0
+            };
+            rows * gpr
+        ];
+        codes
+            .par_chunks_mut(cols)
+            .zip(params.par_chunks_mut(gpr))
+            .enumerate()
+            .for_each(|(r, (codes, params))| {
+                let row = &w[r * cols..(r + 1) * cols];
+                for (j, p) in params.iter_mut().enumerate() {
+                    let (a, b) = (j * g, ((j + 1) * g).min(cols));
+                    let vals = &row[a..b];
+                    *p = match h {
+                        None => GroupParams::fit(spec, vals, 1.0),
+                        Some(h) => {
+                            let loss = |p: &GroupParams| -> f64 {
+                                let e: Vec<f64> = vals
+                                    .iter()
+                                    .map(|&v| (p.dequantize(p.quantize(spec, v)) - v) as f64)
+                                    .collect();
+                                let mut total = 0f64;
+                                for (i, &ei) in e.iter().enumerate() {
+                                    let hrow = &h[(a + i) * cols + a..(a + i) * cols + b];
+                                    total += ei
+                                        * hrow
+                                            .iter()
+                                            .zip(&e)
+                                            .map(|(&hv, &ej)| hv as f64 * ej)
+                                            .sum::<f64>();
+                                }
+                                total
+                            };
+                            ratios
+                                .iter()
+                                .map(|&ratio| GroupParams::fit(spec, vals, ratio))
+                                .map(|p| (loss(&p), p))
+                                .fold(None, |best: Option<(f64, GroupParams)>, c| match best {
+                                    Some(b) if b.0 <= c.0 => Some(b),
+                                    _ => Some(c),
+                                })
+                                .expect("at least one ratio")
+                                .1
+                        }
+                    };
+                    for (c, &v) in codes[a..b].iter_mut().zip(vals) {
+                        *c = p.quantize(spec, v);
+                    }
+                }
+            });
+        Quantized { codes, params }
+    }
+}
+
+impl Method for Awq {
+    fn name(&self) -> &'static str {
+        "awq"
+    }
+
+    fn settings(&self) -> serde_json::Value {
+        let mut s = self.grid.settings();
+        s["scale_grid"] = self.scale_grid.into();
+        s["clip_grid"] = self.clip_grid.into();
+        s["max_shrink"] = self.max_shrink.into();
+        s["sample_rows"] = self.sample_rows.into();
+        s
+    }
+
+    fn needs_calibration(&self) -> bool {
+        true
+    }
+
+    fn sample_rows(&self) -> usize {
+        self.sample_rows
+    }
+
+    fn quantize_block(
+        &self,
+        block: &mut BlockWeights,
+        stats: Option<&BlockStats>,
+        targets: &[LinearName],
+    ) -> Result<Vec<(LinearName, QuantizedLinear)>> {
+        let stats = stats.ok_or_else(|| anyhow!("AWQ needs calibration statistics"))?;
+        let mut input_scale: Vec<Option<Vec<f32>>> = vec![None; LinearName::ALL.len()];
+        let mut output_scale: Vec<Option<Vec<f32>>> = vec![None; LinearName::ALL.len()];
+        for g in &GROUPS {
+            // Scaling only pays where every layer sharing the input is quantized.
+            if !g.layers.iter().all(|l| targets.contains(l))
+                || !foldable(block, g.prev, stats.site(g.site).n)
+            {
+                continue;
+            }
+            let s = self.search_scale(block, g, stats)?;
+            if fold(block, g.layers, g.prev, &s) {
+                for &l in g.layers {
+                    input_scale[l as usize] = Some(s.clone());
+                }
+                if let Prev::Linear(p) = g.prev {
+                    output_scale[p as usize] = Some(s.clone());
+                }
+            }
+        }
+        targets
+            .iter()
+            .map(|&name| {
+                let l = block.linear(name);
+                let spec = self.grid.spec(l.cols)?;
+                let st = stats.site(name.site());
+                // H of the scaled input X/s.
+                let h: Option<Vec<f32>> =
+                    (!matches!(name, LinearName::Q | LinearName::K)).then(|| {
+                        let n = st.n;
+                        let s = input_scale[name as usize].as_deref();
+                        (0..n * n)
+                            .map(|k| {
+                                let (i, j) = (k / n, k % n);
+                                let d = s.map_or(1.0, |s| s[i] as f64 * s[j] as f64);
+                                (st.h[k] / d) as f32
+                            })
+                            .collect()
+                    });
+                let matrix = self
+                    .quantize_clipped(&l.w, l.rows, l.cols, &spec, h.as_deref())
+                    .pack(spec, l.rows, l.cols);
+                Ok((
+                    name,
+                    QuantizedLinear {
+                        packed: PackedLinear { matrix, perm: None },
+                        input_scale: input_scale[name as usize].clone(),
+                        output_scale: output_scale[name as usize].clone(),
+                    },
+                ))
+            })
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::method::DenseLinear;
+    use rand::{RngExt, SeedableRng};
+
+    #[test]
+    fn folding_preserves_the_layers_outputs_up_to_the_producer() {
+        // Producer (norm or linear) then consumer: y = C · diag(norm) · x, and y = C · (P x).
+        let mut rng = rand::rngs::StdRng::seed_from_u64(21);
+        let mut r =
+            |n: usize| -> Vec<f32> { (0..n).map(|_| rng.random_range(-1.0..1.0)).collect() };
+        let d = 8;
+        let lin = |w: Vec<f32>, rows, cols, bias| DenseLinear {
+            w,
+            rows,
+            cols,
+            bias,
+        };
+        let mut block = BlockWeights {
+            attn_norm: r(d),
+            ffn_norm: r(d),
+            linears: vec![
+                lin(r(d * d), d, d, Some(r(d))),
+                lin(r(4 * d), 4, d, None),
+                lin(r(d * d), d, d, Some(r(d))),
+                lin(r(d * d), d, d, None),
+                lin(r(d * d), d, d, None),
+                lin(r(d * d), d, d, None),
+                lin(r(d * d), d, d, None),
+            ],
+            modified: false,
+        };
+        let x = r(d);
+        let s: Vec<f32> = r(d).iter().map(|v| 0.5 + v.abs()).collect();
+        let apply = |b: &BlockWeights| -> (Vec<f32>, Vec<f32>) {
+            let mv = |l: &DenseLinear, x: &[f32]| -> Vec<f32> {
+                (0..l.rows)
+                    .map(|i| {
+                        l.w[i * l.cols..(i + 1) * l.cols]
+                            .iter()
+                            .zip(x)
+                            .map(|(a, b)| a * b)
+                            .sum::<f32>()
+                            + l.bias.as_ref().map_or(0.0, |b| b[i])
+                    })
+                    .collect()
+            };
+            let normed: Vec<f32> = x.iter().zip(&b.attn_norm).map(|(a, w)| a * w).collect();
+            let q = mv(b.linear(LinearName::Q), &normed);
+            let v = mv(b.linear(LinearName::V), &normed);
+            (q, mv(b.linear(LinearName::O), &v))
+        };
+        let before = apply(&block);
+        assert!(fold(
+            &mut block,
+            &[LinearName::Q, LinearName::K, LinearName::V],
+            Prev::AttnNorm,
+            &s
+        ));
+        assert!(fold(
+            &mut block,
+            &[LinearName::O],
+            Prev::Linear(LinearName::V),
+            &s
+        ));
+        // K has 4 rows: it cannot feed an 8-channel consumer.
+        assert!(!foldable(&block, Prev::Linear(LinearName::K), d));
+        let after = apply(&block);
+        for (a, b) in before
+            .0
+            .iter()
+            .chain(&before.1)
+            .zip(after.0.iter().chain(&after.1))
+        {
+            assert!((a - b).abs() <= 1e-4 * (1.0 + a.abs()), "{a} vs {b}");
+        }
+        assert!(block.modified);
+    }
+}
