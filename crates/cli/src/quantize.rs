@@ -214,7 +214,7 @@ pub fn main(args: Args) -> Result<()> {
             pb.set_position(done as u64);
             pb.reset_eta();
             if done > 0 {
-                pb.println(format!("recoup: resuming after {done} finished blocks"));
+                eprintln!("recoup: resuming after {done} finished blocks");
             }
         }
         Event::BlockDone { layer, .. } => {

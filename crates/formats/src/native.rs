@@ -168,6 +168,7 @@ pub fn write_safetensors(
         tmp.path(),
     )
     .with_context(|| format!("cannot write {}", path.display()))?;
+    sort_metadata(tmp.path()).with_context(|| format!("cannot write {}", path.display()))?;
     // Temporary files are created private; the result is an ordinary file.
     #[cfg(unix)]
     {
@@ -176,6 +177,37 @@ pub fn write_safetensors(
     }
     tmp.persist(path)
         .with_context(|| format!("cannot rename into {}", path.display()))?;
+    Ok(())
+}
+
+/// Rewrites the header of a safetensors file with its `__metadata__` keys sorted: the
+/// writer emits them in hash order, which would make identical runs differ byte for byte.
+fn sort_metadata(path: &Path) -> Result<()> {
+    use std::io::{Read, Seek, SeekFrom, Write};
+    let mut f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(path)?;
+    let mut len = [0u8; 8];
+    f.read_exact(&mut len)?;
+    let mut header = vec![0u8; u64::from_le_bytes(len) as usize];
+    f.read_exact(&mut header)?;
+    let mut value: serde_json::Map<String, serde_json::Value> = serde_json::from_slice(&header)?;
+    let Some(meta) = value.remove("__metadata__") else {
+        return Ok(());
+    };
+    let sorted: BTreeMap<String, serde_json::Value> = serde_json::from_value(meta)?;
+    let mut out = serde_json::Map::new();
+    out.insert("__metadata__".into(), serde_json::to_value(sorted)?);
+    out.extend(value);
+    let mut text = serde_json::to_vec(&out)?;
+    if text.len() > header.len() {
+        bail!("re-encoded safetensors header grew");
+    }
+    // Same content, so the same length; trailing spaces are allowed should it shrink.
+    text.resize(header.len(), b' ');
+    f.seek(SeekFrom::Start(8))?;
+    f.write_all(&text)?;
     Ok(())
 }
 

@@ -1,0 +1,308 @@
+//! `recoup quantize` end to end on the real default model: checkpoints that load and
+//! measure, resumption after a kill, and clear errors on bad flags and damaged checkpoints.
+
+use std::path::Path;
+use std::process::{Command, Output};
+use std::time::{Duration, Instant};
+
+fn recoup(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_recoup"))
+        .args(args)
+        .output()
+        .expect("recoup runs")
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+/// A small calibration, so the tests stay quick: 8 windows of 128 tokens.
+const CALIB: [&str; 4] = ["--nsamples", "8", "--seqlen", "128"];
+
+fn quantize(extra: &[&str], out: &Path) -> Output {
+    let mut args = vec![
+        "quantize",
+        "--model",
+        "smollm2-135m",
+        "--out",
+        out.to_str().unwrap(),
+    ];
+    args.extend_from_slice(&CALIB);
+    args.extend_from_slice(extra);
+    recoup(&args)
+}
+
+fn ppl(model: &str) -> f64 {
+    let o = recoup(&[
+        "ppl",
+        "--model",
+        model,
+        "--text",
+        "wiki-heldout",
+        "--ctx",
+        "512",
+        "--max-windows",
+        "2",
+        "--json",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    v["ppl"].as_f64().unwrap()
+}
+
+#[test]
+fn gptq_checkpoint_loads_measures_and_inspects() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("gptq");
+    let o = quantize(
+        &[
+            "--method",
+            "gptq",
+            "--bits",
+            "4",
+            "--group",
+            "64",
+            "--act-order",
+        ],
+        &out,
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    let report = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        report.contains("210 layers") && report.contains("peak RSS"),
+        "{report}"
+    );
+    assert!(
+        !out.with_file_name("gptq.work").exists(),
+        "work directory left behind"
+    );
+
+    let o = recoup(&["inspect", out.to_str().unwrap(), "--json"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let meta: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(meta["method"], "gptq");
+    assert_eq!(meta["calibration"]["nsamples"], 8);
+    let layers = meta["layers"].as_object().unwrap();
+    assert_eq!(layers.len(), 30 * 7);
+    for (name, l) in layers {
+        // 4 bits + (f16 scale + u8 zero) per 64 weights + the i32 permutation.
+        let bpw = l["bits_per_weight"].as_f64().unwrap();
+        let expect = 4.0 + 24.0 / 64.0 + 32.0 / l["rows"].as_f64().unwrap();
+        assert!(
+            (bpw - expect).abs() < 1e-9,
+            "{name}: {bpw} bits per weight, expected {expect}"
+        );
+        let err = l["rel_error"].as_f64().unwrap();
+        assert!(err > 0.0 && err < 0.2, "{name}: layer-output error {err}");
+        assert_eq!(l["act_order"], true);
+    }
+
+    let (full, quant) = (ppl("smollm2-135m"), ppl(out.to_str().unwrap()));
+    assert!(
+        quant > full && quant < 1.6 * full,
+        "4-bit GPTQ perplexity {quant} against f32 {full}"
+    );
+}
+
+#[test]
+fn killed_quantization_resumes_to_an_identical_checkpoint() {
+    let dir = tempfile::tempdir().unwrap();
+    let whole = dir.path().join("whole");
+    let o = quantize(&["--method", "rtn", "--bits", "3", "--group", "64"], &whole);
+    assert!(o.status.success(), "{}", stderr(&o));
+
+    let resumed = dir.path().join("resumed");
+    let work = dir.path().join("resumed.work");
+    let mut args = vec![
+        "quantize",
+        "--model",
+        "smollm2-135m",
+        "--method",
+        "rtn",
+        "--bits",
+        "3",
+    ];
+    args.extend_from_slice(&["--group", "64", "--out", resumed.to_str().unwrap()]);
+    args.extend_from_slice(&CALIB);
+    let mut child = Command::new(env!("CARGO_BIN_EXE_recoup"))
+        .args(&args)
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let start = Instant::now();
+    while !work.join("block-0002.safetensors").exists() {
+        assert!(
+            start.elapsed() < Duration::from_secs(300),
+            "no block finished"
+        );
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "finished before it could be killed"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+    assert!(!resumed.exists(), "a killed run left a checkpoint");
+    let finished = (0..30)
+        .filter(|i| work.join(format!("block-{i:04}.safetensors")).exists())
+        .count();
+    assert!(
+        (3..30).contains(&finished),
+        "{finished} blocks finished before the kill"
+    );
+
+    // Other settings are refused rather than mixed into the unfinished run.
+    let mut other = args.clone();
+    other[6] = "4";
+    other.push("--resume");
+    let o = recoup(&other);
+    assert!(
+        !o.status.success() && stderr(&o).contains("different settings"),
+        "{}",
+        stderr(&o)
+    );
+
+    args.push("--resume");
+    let o = recoup(&args);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(stderr(&o).contains("resuming after"), "{}", stderr(&o));
+    let read = |d: &Path| std::fs::read(d.join("model.safetensors")).unwrap();
+    let (a, b) = (read(&whole), read(&resumed));
+    if a != b {
+        let at = a.iter().zip(&b).position(|(x, y)| x != y);
+        let header = |v: &[u8]| {
+            String::from_utf8_lossy(
+                &v[8..8 + u64::from_le_bytes(v[..8].try_into().unwrap()) as usize],
+            )
+            .into_owned()
+        };
+        panic!(
+            "resumed checkpoint differs from the uninterrupted one (sizes {} and {}, first difference at {at:?})\n{}\n{}",
+            a.len(),
+            b.len(),
+            header(&a),
+            header(&b)
+        );
+    }
+    assert!(!work.exists());
+}
+
+#[test]
+fn bad_flags_are_clear_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("x");
+    for (flags, expect) in [
+        (
+            vec!["--method", "rtn", "--bits", "5"],
+            "5-bit grids are not supported",
+        ),
+        (vec!["--method", "rtn", "--group", "48"], "group size 48"),
+        (vec!["--method", "rtn", "--group", "abc"], "--group abc"),
+        (
+            vec!["--method", "gptq", "--calib", "none"],
+            "needs calibration data",
+        ),
+        (
+            vec!["--method", "awq", "--act-order"],
+            "--act-order applies to --method gptq",
+        ),
+        (
+            vec!["--method", "gptq", "--skip", "("],
+            "--skip is not a valid regular expression",
+        ),
+        (
+            vec!["--method", "gptq", "--calib", "/nonexistent/text"],
+            "/nonexistent/text",
+        ),
+    ] {
+        let o = quantize(&flags, &out);
+        assert!(!o.status.success(), "{flags:?} succeeded");
+        let e = stderr(&o);
+        assert!(
+            e.contains(expect) && !e.contains("panicked"),
+            "{flags:?}: {e}"
+        );
+    }
+    assert!(!out.exists());
+}
+
+#[test]
+fn damaged_checkpoints_are_clear_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    let good = dir.path().join("good");
+    let o = quantize(
+        &[
+            "--method",
+            "rtn",
+            "--bits",
+            "4",
+            "--group",
+            "64",
+            "--calib",
+            "none",
+            "--skip",
+            "down_proj",
+        ],
+        &good,
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    let o = recoup(&["inspect", good.to_str().unwrap()]);
+    assert!(String::from_utf8_lossy(&o.stdout).contains("180 quantized layers"));
+
+    let copy = |name: &str| {
+        let d = dir.path().join(name);
+        std::fs::create_dir(&d).unwrap();
+        for f in std::fs::read_dir(&good).unwrap() {
+            let f = f.unwrap().path();
+            std::fs::copy(&f, d.join(f.file_name().unwrap())).unwrap();
+        }
+        d
+    };
+    let expect_error = |d: &Path, what: &str| {
+        let o = recoup(&[
+            "ppl",
+            "--model",
+            d.to_str().unwrap(),
+            "--text",
+            "wiki-heldout",
+            "--max-windows",
+            "1",
+        ]);
+        let e = stderr(&o);
+        assert!(
+            !o.status.success() && e.contains(what) && !e.contains("panicked"),
+            "{what}: {e}"
+        );
+    };
+
+    let truncated = copy("truncated");
+    let file = truncated.join("model.safetensors");
+    let len = std::fs::metadata(&file).unwrap().len();
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&file)
+        .unwrap()
+        .set_len(len / 2)
+        .unwrap();
+    expect_error(&truncated, "not a valid safetensors file");
+
+    // The metadata says 3 bits where 4-bit codes are stored (the header keeps its length).
+    let relabeled = copy("relabeled");
+    let file = relabeled.join("model.safetensors");
+    let mut bytes = std::fs::read(&file).unwrap();
+    let header_len = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+    let header = String::from_utf8(bytes[8..8 + header_len].to_vec()).unwrap();
+    let edited = header.replace("\\\"bits\\\":4", "\\\"bits\\\":3");
+    assert_ne!(header, edited, "no bits field in the header");
+    bytes[8..8 + header_len].copy_from_slice(edited.as_bytes());
+    std::fs::write(&file, bytes).unwrap();
+    expect_error(&relabeled, "expected U8");
+
+    let o = recoup(&["inspect", dir.path().join("missing").to_str().unwrap()]);
+    assert!(
+        !o.status.success() && stderr(&o).contains("missing"),
+        "{}",
+        stderr(&o)
+    );
+}
