@@ -156,6 +156,50 @@ pub fn gptq(
     Ok(PackedLinear { matrix, perm })
 }
 
+/// GPTQ as a [`Method`]: each layer against the Hessian of its input site.
+pub struct Gptq {
+    pub grid: GridChoice,
+    pub options: GptqOptions,
+}
+
+impl Method for Gptq {
+    fn name(&self) -> &'static str {
+        "gptq"
+    }
+
+    fn settings(&self) -> serde_json::Value {
+        let mut s = self.grid.settings();
+        s["damp"] = self.options.damp.into();
+        s["block"] = self.options.block.into();
+        s["act_order"] = self.options.act_order.into();
+        s
+    }
+
+    fn needs_calibration(&self) -> bool {
+        true
+    }
+
+    fn quantize_block(
+        &self,
+        block: &mut BlockWeights,
+        stats: Option<&BlockStats>,
+        targets: &[LinearName],
+    ) -> Result<Vec<(LinearName, QuantizedLinear)>> {
+        let stats = stats.ok_or_else(|| anyhow!("GPTQ needs calibration statistics"))?;
+        targets
+            .iter()
+            .map(|&name| {
+                let l = block.linear(name);
+                let spec = self.grid.spec(l.cols)?;
+                let h = &stats.site(name.site()).h;
+                let packed = gptq(&l.w, l.rows, l.cols, h, &spec, &self.options)
+                    .with_context(|| format!("GPTQ of {}", name.module()))?;
+                Ok((name, QuantizedLinear::plain(packed)))
+            })
+            .collect()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -259,49 +303,5 @@ mod tests {
         let q = gptq(&w, rows, cols, &h, &spec, &GptqOptions::default()).unwrap();
         let d = q.dequantize();
         assert!((0..rows).all(|r| d[r * cols + 3] == 0.0));
-    }
-}
-
-/// GPTQ as a [`Method`]: each layer against the Hessian of its input site.
-pub struct Gptq {
-    pub grid: GridChoice,
-    pub options: GptqOptions,
-}
-
-impl Method for Gptq {
-    fn name(&self) -> &'static str {
-        "gptq"
-    }
-
-    fn settings(&self) -> serde_json::Value {
-        let mut s = self.grid.settings();
-        s["damp"] = self.options.damp.into();
-        s["block"] = self.options.block.into();
-        s["act_order"] = self.options.act_order.into();
-        s
-    }
-
-    fn needs_calibration(&self) -> bool {
-        true
-    }
-
-    fn quantize_block(
-        &self,
-        block: &mut BlockWeights,
-        stats: Option<&BlockStats>,
-        targets: &[LinearName],
-    ) -> Result<Vec<(LinearName, QuantizedLinear)>> {
-        let stats = stats.ok_or_else(|| anyhow!("GPTQ needs calibration statistics"))?;
-        targets
-            .iter()
-            .map(|&name| {
-                let l = block.linear(name);
-                let spec = self.grid.spec(l.cols)?;
-                let h = &stats.site(name.site()).h;
-                let packed = gptq(&l.w, l.rows, l.cols, h, &spec, &self.options)
-                    .with_context(|| format!("GPTQ of {}", name.module()))?;
-                Ok((name, QuantizedLinear::plain(packed)))
-            })
-            .collect()
     }
 }
