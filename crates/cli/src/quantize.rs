@@ -2,6 +2,7 @@ use anyhow::{Context, Result, bail};
 use recoup_quant::awq::Awq;
 use recoup_quant::calib::{CalibText, sample_windows};
 use recoup_quant::gptq::{Gptq, GptqOptions};
+use recoup_quant::grid::Clip;
 use recoup_quant::method::{GridChoice, Method};
 use recoup_quant::pipeline::{Event, Job, quantize, work_dir};
 use recoup_quant::rtn::Rtn;
@@ -45,6 +46,10 @@ pub struct Args {
     /// (the standard) or of the f32 one.
     #[arg(long, value_enum, default_value = "quantized")]
     feed: FeedArg,
+    /// RTN: search each group's clipping ratio (1 … 0.5) against its squared error, weighted
+    /// by the calibration inputs' energy per channel.
+    #[arg(long)]
+    clip: bool,
     /// GPTQ: quantize columns in order of decreasing activation energy (stores a permutation).
     #[arg(long)]
     act_order: bool,
@@ -125,7 +130,17 @@ pub fn main(args: Args) -> Result<()> {
     let start = Instant::now();
     let grid = grid(&args)?;
     let method: Box<dyn Method> = match args.method {
-        MethodArg::Rtn => Box::new(Rtn { grid }),
+        MethodArg::Rtn => Box::new(Rtn {
+            grid,
+            clip: if args.clip {
+                Clip::Search {
+                    min_ratio: 0.5,
+                    steps: 20,
+                }
+            } else {
+                Clip::None
+            },
+        }),
         MethodArg::Awq => Box::new(Awq {
             grid,
             sample_rows: args.awq_rows,
@@ -142,6 +157,9 @@ pub fn main(args: Args) -> Result<()> {
     };
     if args.act_order && !matches!(args.method, MethodArg::Gptq) {
         bail!("--act-order applies to --method gptq only");
+    }
+    if args.clip && !matches!(args.method, MethodArg::Rtn) {
+        bail!("--clip applies to --method rtn only (AWQ always searches its clipping)");
     }
     let skip = args
         .skip

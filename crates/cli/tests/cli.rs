@@ -1,17 +1,9 @@
 //! The binary end to end on the real default model: results, determinism, and clear errors.
 
-use std::process::{Command, Output};
+mod common;
 
-fn recoup(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_recoup"))
-        .args(args)
-        .output()
-        .expect("recoup runs")
-}
-
-fn stderr(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stderr).into_owned()
-}
+use common::{recoup, stderr};
+use std::process::Output;
 
 #[test]
 fn gptq_protocol_is_deterministic_and_reports_its_protocol() {

@@ -1,20 +1,12 @@
 //! `recoup quantize` end to end on the real default model: checkpoints that load and
 //! measure, resumption after a kill, and clear errors on bad flags and damaged checkpoints.
 
+mod common;
+
+use common::{recoup, stderr};
 use std::path::Path;
 use std::process::{Command, Output};
 use std::time::{Duration, Instant};
-
-fn recoup(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_recoup"))
-        .args(args)
-        .output()
-        .expect("recoup runs")
-}
-
-fn stderr(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stderr).into_owned()
-}
 
 /// A small calibration, so the tests stay quick: 8 windows of 128 tokens.
 const CALIB: [&str; 4] = ["--nsamples", "8", "--seqlen", "128"];

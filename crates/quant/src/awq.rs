@@ -12,10 +12,9 @@
 //! MLP), and the clip search uses every calibration token through `H` instead of a sample.
 
 use crate::calib::BlockStats;
-use crate::grid::{GroupParams, Quantized};
+use crate::grid::{Clip, GroupParams, Quantized, quantize_groups, quantize_rtn};
 use crate::method::{BlockWeights, GridChoice, LinearName, Method, QuantizedLinear};
 use anyhow::{Result, anyhow};
-use rayon::prelude::*;
 use recoup_formats::packed::{GridSpec, PackedLinear};
 use recoup_kernels::matmul::matmul_wt;
 use recoup_model::llama::Site;
@@ -148,14 +147,7 @@ fn scaled_rtn_loss(
         for row in scaled.chunks_exact_mut(l.cols) {
             row.iter_mut().zip(s).for_each(|(w, &si)| *w *= si);
         }
-        let q = crate::grid::quantize_rtn(
-            &scaled,
-            l.rows,
-            l.cols,
-            &spec,
-            crate::grid::Clip::None,
-            None,
-        );
+        let q = quantize_rtn(&scaled, l.rows, l.cols, &spec, Clip::None, None);
         let deq = q.pack(spec, l.rows, l.cols).dequantize();
         let err: Vec<f32> = deq
             .chunks_exact(l.cols)
@@ -201,7 +193,7 @@ impl Awq {
     }
 
     /// RTN of a (scaled) layer with each group's clipping ratio chosen against `h`, its
-    /// input's Hessian in the scaled basis.
+    /// input's Hessian in the scaled basis: the group's error `e` costs `e H_gg eᵀ`.
     fn quantize_clipped(
         &self,
         w: &[f32],
@@ -210,67 +202,28 @@ impl Awq {
         spec: &GridSpec,
         h: Option<&[f32]>,
     ) -> Quantized {
-        let g = spec.group;
-        let gpr = cols.div_ceil(g);
         let steps = (self.max_shrink * self.clip_grid as f32).round() as usize;
-        let ratios: Vec<f32> = (0..steps.max(1))
-            .map(|i| 1.0 - i as f32 / self.clip_grid as f32)
-            .collect();
-        let mut codes = vec![0u8; rows * cols];
-        let mut params = vec![
-            GroupParams {
-                scale: half::f16::ONE,
-                zero: 0
-            };
-            rows * gpr
-        ];
-        codes
-            .par_chunks_mut(cols)
-            .zip(params.par_chunks_mut(gpr))
-            .enumerate()
-            .for_each(|(r, (codes, params))| {
-                let row = &w[r * cols..(r + 1) * cols];
-                for (j, p) in params.iter_mut().enumerate() {
-                    let (a, b) = (j * g, ((j + 1) * g).min(cols));
-                    let vals = &row[a..b];
-                    *p = match h {
-                        None => GroupParams::fit(spec, vals, 1.0),
-                        Some(h) => {
-                            let loss = |p: &GroupParams| -> f64 {
-                                let e: Vec<f64> = vals
+        let min_ratio = 1.0 - steps.saturating_sub(1) as f32 / self.clip_grid as f32;
+        quantize_groups(w, rows, cols, spec, |range, vals| match h {
+            None => GroupParams::fit(spec, vals, 1.0),
+            Some(h) => {
+                GroupParams::fit_clipped(spec, vals, min_ratio, steps.saturating_sub(1), |e| {
+                    e.iter()
+                        .enumerate()
+                        .map(|(i, &ei)| {
+                            let hrow = &h[(range.start + i) * cols + range.start
+                                ..(range.start + i) * cols + range.end];
+                            ei as f64
+                                * hrow
                                     .iter()
-                                    .map(|&v| (p.dequantize(p.quantize(spec, v)) - v) as f64)
-                                    .collect();
-                                let mut total = 0f64;
-                                for (i, &ei) in e.iter().enumerate() {
-                                    let hrow = &h[(a + i) * cols + a..(a + i) * cols + b];
-                                    total += ei
-                                        * hrow
-                                            .iter()
-                                            .zip(&e)
-                                            .map(|(&hv, &ej)| hv as f64 * ej)
-                                            .sum::<f64>();
-                                }
-                                total
-                            };
-                            ratios
-                                .iter()
-                                .map(|&ratio| GroupParams::fit(spec, vals, ratio))
-                                .map(|p| (loss(&p), p))
-                                .fold(None, |best: Option<(f64, GroupParams)>, c| match best {
-                                    Some(b) if b.0 <= c.0 => Some(b),
-                                    _ => Some(c),
-                                })
-                                .expect("at least one ratio")
-                                .1
-                        }
-                    };
-                    for (c, &v) in codes[a..b].iter_mut().zip(vals) {
-                        *c = p.quantize(spec, v);
-                    }
-                }
-            });
-        Quantized { codes, params }
+                                    .zip(e)
+                                    .map(|(&hv, &ej)| hv as f64 * ej as f64)
+                                    .sum::<f64>()
+                        })
+                        .sum()
+                })
+            }
+        })
     }
 }
 

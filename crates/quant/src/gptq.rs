@@ -87,13 +87,7 @@ pub fn gptq(
     let g = spec.group;
     let gpr = cols.div_ceil(g);
     let mut codes = vec![0u8; rows * cols];
-    let mut params = vec![
-        GroupParams {
-            scale: half::f16::ONE,
-            zero: 0
-        };
-        rows * gpr
-    ];
+    let mut params = vec![GroupParams::UNIT; rows * gpr];
     codes
         .par_chunks_mut(ROW_CHUNK * cols)
         .zip(params.par_chunks_mut(ROW_CHUNK * gpr))

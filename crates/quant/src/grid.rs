@@ -6,6 +6,7 @@
 use half::f16;
 use rayon::prelude::*;
 use recoup_formats::packed::{GridSpec, PackedMatrix};
+use std::ops::Range;
 
 /// One group's grid: `value = scale · (code − zero)`.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -25,6 +26,12 @@ fn f16_ceil(v: f32) -> f16 {
 }
 
 impl GroupParams {
+    /// A placeholder before a group is fitted.
+    pub const UNIT: Self = Self {
+        scale: f16::ONE,
+        zero: 0,
+    };
+
     /// Min-max parameters of `w` on `spec`'s grid, its range first shrunk by `clip` (1 = none).
     /// Asymmetric grids always include zero (as GPTQ's do), so the zero point is on the grid.
     pub fn fit(spec: &GridSpec, w: &[f32], clip: f32) -> Self {
@@ -47,29 +54,27 @@ impl GroupParams {
         Self { scale, zero }
     }
 
-    /// Parameters minimizing the (optionally weighted) squared rounding error of `w` over the
-    /// clipping ratios `1, 1 − step, …` down to `min_ratio`; ties keep the larger range.
+    /// Among the clipping ratios `1, 1 − step, …` down to `min_ratio`, the parameters whose
+    /// rounding errors (`Q(w) − w`, one per value) `loss` scores lowest; ties keep the
+    /// larger range.
     pub fn fit_clipped(
         spec: &GridSpec,
         w: &[f32],
-        weight: Option<&[f32]>,
         min_ratio: f32,
         steps: usize,
+        loss: impl Fn(&[f32]) -> f64,
     ) -> Self {
         let mut best = (f64::INFINITY, Self::fit(spec, w, 1.0));
+        let mut err = vec![0f32; w.len()];
         for i in 0..=steps {
             let ratio = 1.0 - (1.0 - min_ratio) * i as f32 / steps.max(1) as f32;
             let p = Self::fit(spec, w, ratio);
-            let err: f64 = w
-                .iter()
-                .enumerate()
-                .map(|(j, &v)| {
-                    let e = (p.dequantize(p.quantize(spec, v)) - v) as f64;
-                    e * e * weight.map_or(1.0, |h| h[j] as f64)
-                })
-                .sum();
-            if err < best.0 {
-                best = (err, p);
+            for (e, &v) in err.iter_mut().zip(w) {
+                *e = p.dequantize(p.quantize(spec, v)) - v;
+            }
+            let l = loss(&err);
+            if l < best.0 {
+                best = (l, p);
             }
         }
         best.1
@@ -122,26 +127,19 @@ pub enum Clip {
     Search { min_ratio: f32, steps: usize },
 }
 
-/// Round-to-nearest of a `[rows, cols]` matrix, groups along the input dimension; `weight`
-/// (per input channel, e.g. `diag H`) weights the clipping search.
-pub fn quantize_rtn(
+/// Round-to-nearest of a `[rows, cols]` matrix, each group's grid chosen by
+/// `choose(channels, values)` (the group's input channels and its weights), rows in parallel.
+pub fn quantize_groups(
     w: &[f32],
     rows: usize,
     cols: usize,
     spec: &GridSpec,
-    clip: Clip,
-    weight: Option<&[f32]>,
+    choose: impl Fn(Range<usize>, &[f32]) -> GroupParams + Sync,
 ) -> Quantized {
     let g = spec.group;
     let gpr = cols.div_ceil(g);
     let mut codes = vec![0u8; rows * cols];
-    let mut params = vec![
-        GroupParams {
-            scale: f16::ONE,
-            zero: 0
-        };
-        rows * gpr
-    ];
+    let mut params = vec![GroupParams::UNIT; rows * gpr];
     codes
         .par_chunks_mut(cols)
         .zip(params.par_chunks_mut(gpr))
@@ -151,22 +149,39 @@ pub fn quantize_rtn(
             for (j, p) in params.iter_mut().enumerate() {
                 let range = j * g..((j + 1) * g).min(cols);
                 let vals = &row[range.clone()];
-                *p = match clip {
-                    Clip::None => GroupParams::fit(spec, vals, 1.0),
-                    Clip::Search { min_ratio, steps } => GroupParams::fit_clipped(
-                        spec,
-                        vals,
-                        weight.map(|h| &h[range.clone()]),
-                        min_ratio,
-                        steps,
-                    ),
-                };
+                *p = choose(range.clone(), vals);
                 for (c, &v) in codes[range].iter_mut().zip(vals) {
                     *c = p.quantize(spec, v);
                 }
             }
         });
     Quantized { codes, params }
+}
+
+/// Round-to-nearest with min-max grids, or with each group's clipping ratio searched against
+/// its squared error weighted per input channel by `weight` (e.g. `diag H`; uniform if none).
+pub fn quantize_rtn(
+    w: &[f32],
+    rows: usize,
+    cols: usize,
+    spec: &GridSpec,
+    clip: Clip,
+    weight: Option<&[f32]>,
+) -> Quantized {
+    quantize_groups(w, rows, cols, spec, |range, vals| match clip {
+        Clip::None => GroupParams::fit(spec, vals, 1.0),
+        Clip::Search { min_ratio, steps } => {
+            GroupParams::fit_clipped(spec, vals, min_ratio, steps, |err| {
+                err.iter()
+                    .enumerate()
+                    .map(|(i, &e)| {
+                        let h = weight.map_or(1.0, |h| h[range.start + i] as f64);
+                        (e as f64) * (e as f64) * h
+                    })
+                    .sum()
+            })
+        }
+    })
 }
 
 #[cfg(test)]

@@ -1,5 +1,6 @@
-//! Round-to-nearest: every group on its min-max grid, no calibration. The baseline every
-//! other method must beat.
+//! Round-to-nearest: every group on its min-max grid, no calibration needed. The baseline
+//! every other method must beat. With a clipping search, each group's range is shrunk where
+//! that lowers its squared error, weighted by `diag H` when calibration data is given.
 
 use crate::calib::BlockStats;
 use crate::grid::{Clip, quantize_rtn};
@@ -9,6 +10,7 @@ use recoup_formats::packed::PackedLinear;
 
 pub struct Rtn {
     pub grid: GridChoice,
+    pub clip: Clip,
 }
 
 impl Method for Rtn {
@@ -17,7 +19,12 @@ impl Method for Rtn {
     }
 
     fn settings(&self) -> serde_json::Value {
-        self.grid.settings()
+        let mut s = self.grid.settings();
+        if let Clip::Search { min_ratio, steps } = self.clip {
+            s["clip_min_ratio"] = min_ratio.into();
+            s["clip_steps"] = steps.into();
+        }
+        s
     }
 
     fn needs_calibration(&self) -> bool {
@@ -27,7 +34,7 @@ impl Method for Rtn {
     fn quantize_block(
         &self,
         block: &mut BlockWeights,
-        _stats: Option<&BlockStats>,
+        stats: Option<&BlockStats>,
         targets: &[LinearName],
     ) -> Result<Vec<(LinearName, QuantizedLinear)>> {
         targets
@@ -35,7 +42,11 @@ impl Method for Rtn {
             .map(|&name| {
                 let l = block.linear(name);
                 let spec = self.grid.spec(l.cols)?;
-                let matrix = quantize_rtn(&l.w, l.rows, l.cols, &spec, Clip::None, None)
+                let diag: Option<Vec<f32>> = stats.map(|st| {
+                    let st = st.site(name.site());
+                    (0..st.n).map(|i| st.h[i * st.n + i] as f32).collect()
+                });
+                let matrix = quantize_rtn(&l.w, l.rows, l.cols, &spec, self.clip, diag.as_deref())
                     .pack(spec, l.rows, l.cols);
                 let packed = PackedLinear { matrix, perm: None };
                 Ok((name, QuantizedLinear::plain(packed)))
