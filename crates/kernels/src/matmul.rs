@@ -67,6 +67,9 @@ pub fn matmul_wt_reference(x: &[f32], w: &[f32], y: &mut [f32], n: usize, k: usi
     }
 }
 
+/// Side of the tiles [`gram`] computes one product at a time.
+const GRAM_TILE: usize = 512;
+
 /// The Gram matrix `g[k×k] = x[n×k]ᵀ · x` of `n` rows (overwrites `g`).
 pub fn gram(x: &[f32], g: &mut [f32], n: usize, k: usize) {
     assert!(
@@ -80,30 +83,43 @@ pub fn gram(x: &[f32], g: &mut [f32], n: usize, k: usize) {
         g[..k * k].fill(0.0);
         return;
     }
-    // SAFETY: dst is k×k (row stride k); lhs = xᵀ is k×n with element (i, t) at t·k + i;
-    // rhs = x is n×k with element (t, j) at t·k + j; all inside the asserted lengths.
-    unsafe {
-        gemm::gemm(
-            k,
-            k,
-            n,
-            g.as_mut_ptr(),
-            1,
-            k as isize,
-            false,
-            x.as_ptr(),
-            k as isize,
-            1,
-            x.as_ptr(),
-            1,
-            k as isize,
-            0.0,
-            1.0,
-            false,
-            false,
-            false,
-            parallelism(n * k * k),
-        );
+    // The result is symmetric: compute the tiles on and above the diagonal, mirror the rest.
+    for i0 in (0..k).step_by(GRAM_TILE) {
+        let i1 = (i0 + GRAM_TILE).min(k);
+        for j0 in (i0..k).step_by(GRAM_TILE) {
+            let j1 = (j0 + GRAM_TILE).min(k);
+            // SAFETY: dst is rows i0..i1, columns j0..j1 of the k×k `g` (row stride k); lhs
+            // = xᵀ restricted to rows i0..i1 (element (i, t) at t·k + i); rhs = x restricted
+            // to columns j0..j1 (element (t, j) at t·k + j); all inside the asserted lengths.
+            unsafe {
+                gemm::gemm(
+                    i1 - i0,
+                    j1 - j0,
+                    n,
+                    g.as_mut_ptr().add(i0 * k + j0),
+                    1,
+                    k as isize,
+                    false,
+                    x.as_ptr().add(i0),
+                    k as isize,
+                    1,
+                    x.as_ptr().add(j0),
+                    1,
+                    k as isize,
+                    0.0,
+                    1.0,
+                    false,
+                    false,
+                    false,
+                    parallelism(n * (i1 - i0) * (j1 - j0)),
+                );
+            }
+        }
+    }
+    for i in 0..k {
+        for j in 0..i {
+            g[i * k + j] = g[j * k + i];
+        }
     }
 }
 
@@ -212,7 +228,7 @@ mod tests {
     #[test]
     fn gram_matches_reference() {
         let mut rng = rand::rngs::StdRng::seed_from_u64(11);
-        for &(n, k) in &[(1, 7), (33, 64), (300, 96), (5, 1)] {
+        for &(n, k) in &[(1, 7), (33, 64), (300, 96), (5, 1), (40, 1100)] {
             let x = random(&mut rng, n * k);
             let (mut fast, mut slow) = (vec![0f32; k * k], vec![0f32; k * k]);
             gram(&x, &mut fast, n, k);

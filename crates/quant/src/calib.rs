@@ -96,6 +96,8 @@ pub struct SiteStats {
 pub struct BlockStats {
     sites: Vec<SiteStats>,
     rows_per_window: usize,
+    /// One window's Gram matrix, reused (up to 320 MB for a 1.5B model's down projection).
+    scratch: Vec<f32>,
 }
 
 fn site_index(site: Site) -> usize {
@@ -124,6 +126,7 @@ impl BlockStats {
         Self {
             sites,
             rows_per_window,
+            scratch: Vec::new(),
         }
     }
 
@@ -135,10 +138,13 @@ impl BlockStats {
     pub fn add(&mut self, site: Site, x: &[f32], t: usize) {
         let s = &mut self.sites[site_index(site)];
         let n = s.n;
-        let mut g = vec![0f32; n * n];
+        let g = &mut self.scratch;
+        g.resize(n * n, 0.0);
         // Within a window f32 sums suffice; windows accumulate in f64.
-        gram(x, &mut g, t, n);
-        s.h.iter_mut().zip(&g).for_each(|(h, &v)| *h += v as f64);
+        gram(x, g, t, n);
+        s.h.iter_mut()
+            .zip(g.iter())
+            .for_each(|(h, &v)| *h += v as f64);
         let old = s.tokens as f64;
         s.tokens += t;
         let mut sums = vec![0f64; n];
