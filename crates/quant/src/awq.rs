@@ -389,4 +389,45 @@ mod tests {
         }
         assert!(block.modified);
     }
+
+    #[test]
+    fn folding_leaves_a_real_block_unchanged() {
+        use crate::pipeline::{dense_block, read_block_weights};
+        use recoup_kernels::ops::RopeTable;
+        use recoup_model::llama::embed_tokens;
+        let path = recoup_assets::resolve("smollm2-135m", recoup_assets::AssetKind::Model).unwrap();
+        let opened = recoup_model::load::open(&path).unwrap();
+        let c = &opened.config;
+        let src = opened.source.as_ref();
+        let tokens = opened
+            .tokenizer
+            .encode("Folding scales into the norm changes nothing.", false)
+            .unwrap();
+        let embed = src.tensor("model.embed_tokens.weight").unwrap().data;
+        let x = embed_tokens(&embed, c.hidden_size, &tokens).unwrap();
+        let t = tokens.len();
+        let rope = RopeTable::new(&c.rope_inv_freq(), 0, t);
+        let run = |w: &BlockWeights| {
+            let mut y = x.clone();
+            let (mut k, mut v) = (vec![0f32; t * c.kv_dim()], vec![0f32; t * c.kv_dim()]);
+            dense_block(w).forward(c, &mut y, t, &mut k, &mut v, 0, &rope, &mut |_, _| {});
+            y
+        };
+        let mut block = read_block_weights(c, src, 3).unwrap();
+        let before = run(&block);
+        let mut rng = rand::rngs::StdRng::seed_from_u64(22);
+        let mut folded = 0;
+        for g in &GROUPS {
+            let n = block.linear(g.layers[0]).cols;
+            let s: Vec<f32> = (0..n).map(|_| rng.random_range(0.25..4.0)).collect();
+            folded += usize::from(fold(&mut block, g.layers, g.prev, &s));
+        }
+        // SmolLM2 uses grouped-query attention, so v cannot carry o's scales.
+        assert_eq!(folded, 3);
+        let after = run(&block);
+        let scale = before.iter().fold(0f32, |m, v| m.max(v.abs()));
+        for (a, b) in before.iter().zip(&after) {
+            assert!((a - b).abs() <= 1e-4 * scale, "{a} vs {b}");
+        }
+    }
 }

@@ -111,7 +111,7 @@ fn prepare_work_dir(work: &Path, fingerprint: &serde_json::Value, resume: bool) 
     Ok(0)
 }
 
-fn read_block_weights(
+pub(crate) fn read_block_weights(
     c: &ModelConfig,
     source: &dyn TensorSource,
     layer: usize,
@@ -165,7 +165,7 @@ fn read_block_weights(
 }
 
 /// The f32 block that `weights` describe.
-fn dense_block(w: &BlockWeights) -> Block {
+pub(crate) fn dense_block(w: &BlockWeights) -> Block {
     let lin = |name: LinearName| {
         let l = w.linear(name);
         Linear::new(
