@@ -6,6 +6,7 @@ use recoup_quant::grid::Clip;
 use recoup_quant::method::{GridChoice, Method};
 use recoup_quant::pipeline::{Event, Job, quantize, work_dir};
 use recoup_quant::rtn::Rtn;
+use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
@@ -226,8 +227,10 @@ pub fn main(args: Args) -> Result<()> {
         work_dir(&args.out).display()
     );
     let pb = crate::progress::bar(0, "blocks");
+    let (run_start, first_block) = (Instant::now(), std::cell::Cell::new(0));
     let summary = quantize(&job, &mut |e| match e {
         Event::Started { done, blocks } => {
+            first_block.set(done);
             pb.set_length(blocks as u64);
             pb.set_position(done as u64);
             pb.reset_eta();
@@ -235,8 +238,19 @@ pub fn main(args: Args) -> Result<()> {
                 eprintln!("recoup: resuming after {done} finished blocks");
             }
         }
-        Event::BlockDone { layer, .. } => {
+        Event::BlockDone { layer, blocks } => {
             pb.set_position(layer as u64 + 1);
+            // Without a terminal the bar is hidden: log lines keep long runs observable.
+            if !std::io::stderr().is_terminal() {
+                let done_here = (layer + 1 - first_block.get()) as f64;
+                let secs = run_start.elapsed().as_secs_f64();
+                let eta = secs / done_here * (blocks - layer - 1) as f64;
+                eprintln!(
+                    "recoup: block {}/{blocks} done, {secs:.0}s elapsed, ETA {eta:.0}s, RSS peak {:.2} GiB",
+                    layer + 1,
+                    peak_rss_bytes().unwrap_or(0) as f64 / (1u64 << 30) as f64
+                );
+            }
         }
         Event::Writing => pb.set_message("writing checkpoint"),
     })?;
