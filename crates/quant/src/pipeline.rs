@@ -116,8 +116,18 @@ pub(crate) fn read_block_weights(
     source: &dyn TensorSource,
     layer: usize,
 ) -> Result<BlockWeights> {
-    let get = |name: &str| -> Result<Vec<f32>> {
-        Ok(source.tensor(&block_tensor_name(layer, name))?.data)
+    // Every tensor is checked against the size the config implies before anything runs.
+    let get = |name: &str, len: usize| -> Result<Vec<f32>> {
+        let full = block_tensor_name(layer, name);
+        let data = source.tensor(&full)?.data;
+        if data.len() != len {
+            bail!(
+                "{}: {full} has {} values, the config implies {len}",
+                source.path().display(),
+                data.len()
+            );
+        }
+        Ok(data)
     };
     let dims = |name: LinearName| match name {
         LinearName::Q => (c.q_dim(), c.hidden_size),
@@ -134,17 +144,10 @@ pub(crate) fn read_block_weights(
                 bail!("{}: {prefix} is already quantized", source.path().display());
             }
             let (rows, cols) = dims(name);
-            let w = get(&format!("{}.weight", name.module()))?;
-            if w.len() != rows * cols {
-                bail!(
-                    "{}: {prefix}.weight has {} values, the config implies [{rows}, {cols}]",
-                    source.path().display(),
-                    w.len()
-                );
-            }
-            let bias_name = format!("{prefix}.bias");
-            let bias = if source.contains(&bias_name) {
-                Some(source.tensor(&bias_name)?.data)
+            let w = get(&format!("{}.weight", name.module()), rows * cols)?;
+            let bias_name = format!("{}.bias", name.module());
+            let bias = if source.contains(&block_tensor_name(layer, &bias_name)) {
+                Some(get(&bias_name, rows)?)
             } else {
                 None
             };
@@ -157,8 +160,8 @@ pub(crate) fn read_block_weights(
         })
         .collect::<Result<_>>()?;
     Ok(BlockWeights {
-        attn_norm: get("input_layernorm.weight")?,
-        ffn_norm: get("post_attention_layernorm.weight")?,
+        attn_norm: get("input_layernorm.weight", c.hidden_size)?,
+        ffn_norm: get("post_attention_layernorm.weight", c.hidden_size)?,
         linears,
         modified: false,
     })
