@@ -249,6 +249,10 @@ impl Method for Awq {
         self.sample_rows
     }
 
+    fn rewrites_weights(&self) -> bool {
+        true
+    }
+
     fn quantize_block(
         &self,
         block: &mut BlockWeights,

@@ -134,6 +134,11 @@ impl BlockStats {
         &self.sites[site_index(site)]
     }
 
+    /// Frees the per-window buffer once every window has been added.
+    pub fn finish(&mut self) {
+        self.scratch = Vec::new();
+    }
+
     /// Adds `t` rows of one window's input at `site`.
     pub fn add(&mut self, site: Site, x: &[f32], t: usize) {
         let s = &mut self.sites[site_index(site)];

@@ -128,6 +128,10 @@ pub trait Method: Sync {
     fn settings(&self) -> serde_json::Value;
     /// Whether the method needs calibration inputs.
     fn needs_calibration(&self) -> bool;
+    /// Whether the method rewrites the block's f32 weights (AWQ's folded scales).
+    fn rewrites_weights(&self) -> bool {
+        false
+    }
     /// Input rows per site the method wants to keep (besides `H`), over all samples.
     fn sample_rows(&self) -> usize {
         0

@@ -354,6 +354,7 @@ pub fn quantize(job: &Job, on_event: &mut dyn FnMut(Event)) -> Result<Summary> {
             Some(a) => {
                 let mut st = BlockStats::new(dims, rows_per_window);
                 a.run(c, &dense_block(&weights), Some(&mut st), !job.sequential);
+                st.finish();
                 Some(st)
             }
             None => None,
@@ -365,16 +366,25 @@ pub fn quantize(job: &Job, on_event: &mut dyn FnMut(Event)) -> Result<Summary> {
                     .is_some_and(|r| r.is_match(&block_tensor_name(layer, n.module())))
             })
             .collect();
-        let original: Vec<Vec<f32>> = targets
-            .iter()
-            .map(|&n| weights.linear(n).w.clone())
-            .collect();
+        // The layer errors compare against the weights as they were; keep a copy only when
+        // the method rewrites them (a 1.5B model's block is 190 MB in f32).
+        let original: Option<Vec<(LinearName, Vec<f32>)>> =
+            (stats.is_some() && method.rewrites_weights()).then(|| {
+                targets
+                    .iter()
+                    .map(|&n| (n, weights.linear(n).w.clone()))
+                    .collect()
+            });
         let quantized = method
             .quantize_block(&mut weights, stats.as_ref(), &targets)
             .with_context(|| format!("quantizing block {layer}"))?;
         let mut meta = base.clone();
-        for ((name, q), w) in quantized.iter().zip(&original) {
+        for (name, q) in &quantized {
             let m = &q.packed.matrix;
+            let w = match original.iter().flatten().find(|(n, _)| n == name) {
+                Some((_, w)) => w,
+                None => &weights.linear(*name).w,
+            };
             let rel_error = stats.as_ref().map(|st| {
                 output_error(
                     w,
