@@ -76,20 +76,17 @@ fn dir_path(dir: &HfDir) -> &Path {
     crate::TensorSource::path(dir)
 }
 
-/// A tensor about to be written: its bytes owned, borrowed from a mapping, or produced when
-/// the writer reaches it (so a file is written without holding all of it in memory).
+/// A tensor about to be written: its bytes owned, or borrowed from a mapping (so the block
+/// files are assembled into the checkpoint without being read into memory).
 pub struct StoredTensor<'a> {
     pub dtype: Dtype,
     pub shape: Vec<usize>,
     bytes: Bytes<'a>,
 }
 
-type Produce<'a> = Box<dyn Fn() -> Vec<u8> + 'a>;
-
 enum Bytes<'a> {
     Owned(Vec<u8>),
     Borrowed(&'a [u8]),
-    Lazy(Produce<'a>),
 }
 
 fn dtype_bytes(dtype: Dtype) -> usize {
@@ -112,15 +109,6 @@ impl<'a> StoredTensor<'a> {
             bytes: Bytes::Borrowed(bytes),
         }
     }
-
-    /// `produce` must return `shape.product() · size_of(dtype)` bytes.
-    pub fn lazy(dtype: Dtype, shape: Vec<usize>, produce: impl Fn() -> Vec<u8> + 'a) -> Self {
-        Self {
-            dtype,
-            shape,
-            bytes: Bytes::Lazy(Box::new(produce)),
-        }
-    }
 }
 
 impl View for &StoredTensor<'_> {
@@ -134,15 +122,6 @@ impl View for &StoredTensor<'_> {
         match &self.bytes {
             Bytes::Owned(b) => Cow::Borrowed(b),
             Bytes::Borrowed(b) => Cow::Borrowed(b),
-            Bytes::Lazy(f) => {
-                let b = f();
-                assert_eq!(
-                    b.len(),
-                    self.data_len(),
-                    "lazy tensor produced the wrong size"
-                );
-                Cow::Owned(b)
-            }
         }
     }
     fn data_len(&self) -> usize {

@@ -286,11 +286,6 @@ impl PackedMatrix {
     pub fn storage_bytes(&self) -> usize {
         self.codes.len() + 2 * self.scales.len() + self.zeros.len()
     }
-
-    /// Effective bits per weight, scales and zero points included.
-    pub fn bits_per_weight(&self) -> f64 {
-        8.0 * self.storage_bytes() as f64 / (self.rows * self.cols) as f64
-    }
 }
 
 /// A quantized linear layer's weights as stored: the packed matrix and, when its columns were
@@ -396,7 +391,8 @@ mod tests {
             let (s, z) = if i < 32 { (0.5, 3.0) } else { (-0.25, 8.0) };
             assert_eq!(out[i], s * (c[i] as f32 - z));
         }
-        assert_eq!(m.bits_per_weight(), 4.0 + 2.0 * 24.0 / 64.0);
+        // 4 bits per code, an f16 scale and a u8 zero per 32 weights.
+        assert_eq!(m.storage_bytes(), 32 + 2 * (2 + 1));
     }
 
     #[test]

@@ -71,10 +71,6 @@ impl PackedDequant {
     pub fn new(packed: PackedLinear) -> Self {
         Self { packed }
     }
-
-    pub fn packed(&self) -> &PackedLinear {
-        &self.packed
-    }
 }
 
 impl LinearOp for PackedDequant {
