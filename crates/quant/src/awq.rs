@@ -13,7 +13,9 @@
 
 use crate::calib::BlockStats;
 use crate::grid::{Clip, GroupParams, Quantized, quantize_groups, quantize_rtn};
-use crate::method::{BlockWeights, GridChoice, LinearName, Method, QuantizedLinear};
+use crate::method::{
+    BlockWeights, GridChoice, LinearName, Method, QuantizedLinear, quantize_targets,
+};
 use anyhow::{Result, anyhow};
 use recoup_formats::packed::{GridSpec, PackedLinear};
 use recoup_kernels::matmul::matmul_wt;
@@ -279,38 +281,29 @@ impl Method for Awq {
                 }
             }
         }
-        targets
-            .iter()
-            .map(|&name| {
-                let l = block.linear(name);
-                let spec = self.grid.spec(l.cols)?;
-                let st = stats.site(name.site());
-                // H of the scaled input X/s.
-                let h: Option<Vec<f32>> =
-                    (!matches!(name, LinearName::Q | LinearName::K)).then(|| {
-                        let n = st.n;
-                        let s = input_scale[name as usize].as_deref();
-                        (0..n * n)
-                            .map(|k| {
-                                let (i, j) = (k / n, k % n);
-                                let d = s.map_or(1.0, |s| s[i] as f64 * s[j] as f64);
-                                (st.h[k] / d) as f32
-                            })
-                            .collect()
-                    });
-                let matrix = self
-                    .quantize_clipped(&l.w, l.rows, l.cols, &spec, h.as_deref())
-                    .pack(spec, l.rows, l.cols);
-                Ok((
-                    name,
-                    QuantizedLinear {
-                        packed: PackedLinear { matrix, perm: None },
-                        input_scale: input_scale[name as usize].clone(),
-                        output_scale: output_scale[name as usize].clone(),
-                    },
-                ))
+        quantize_targets(block, targets, &self.grid, |name, l, spec| {
+            let st = stats.site(name.site());
+            // H of the scaled input X/s.
+            let h: Option<Vec<f32>> = (!matches!(name, LinearName::Q | LinearName::K)).then(|| {
+                let n = st.n;
+                let s = input_scale[name as usize].as_deref();
+                (0..n * n)
+                    .map(|k| {
+                        let (i, j) = (k / n, k % n);
+                        let d = s.map_or(1.0, |s| s[i] as f64 * s[j] as f64);
+                        (st.h[k] / d) as f32
+                    })
+                    .collect()
+            });
+            let matrix = self
+                .quantize_clipped(&l.w, l.rows, l.cols, spec, h.as_deref())
+                .pack(*spec, l.rows, l.cols);
+            Ok(QuantizedLinear {
+                packed: PackedLinear { matrix, perm: None },
+                input_scale: input_scale[name as usize].clone(),
+                output_scale: output_scale[name as usize].clone(),
             })
-            .collect()
+        })
     }
 }
 

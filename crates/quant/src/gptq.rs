@@ -6,8 +6,10 @@
 
 use crate::calib::BlockStats;
 use crate::grid::{GroupParams, Quantized};
-use crate::method::{BlockWeights, GridChoice, LinearName, Method, QuantizedLinear};
-use anyhow::{Context, Result, anyhow};
+use crate::method::{
+    BlockWeights, GridChoice, LinearName, Method, QuantizedLinear, quantize_targets,
+};
+use anyhow::{Result, anyhow};
 use faer::linalg::triangular_inverse::invert_lower_triangular;
 use faer::{Mat, Side};
 use rayon::prelude::*;
@@ -186,17 +188,11 @@ impl Method for Gptq {
         targets: &[LinearName],
     ) -> Result<Vec<(LinearName, QuantizedLinear)>> {
         let stats = stats.ok_or_else(|| anyhow!("GPTQ needs calibration statistics"))?;
-        targets
-            .iter()
-            .map(|&name| {
-                let l = block.linear(name);
-                let spec = self.grid.spec(l.cols)?;
-                let h = &stats.site(name.site()).h;
-                let packed = gptq(&l.w, l.rows, l.cols, h, &spec, &self.options)
-                    .with_context(|| format!("GPTQ of {}", name.module()))?;
-                Ok((name, QuantizedLinear::plain(packed)))
-            })
-            .collect()
+        quantize_targets(block, targets, &self.grid, |name, l, spec| {
+            let h = &stats.site(name.site()).h;
+            let packed = gptq(&l.w, l.rows, l.cols, h, spec, &self.options)?;
+            Ok(QuantizedLinear::plain(packed))
+        })
     }
 }
 

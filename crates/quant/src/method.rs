@@ -2,7 +2,7 @@
 //! weights and the statistics of its calibration inputs, produce packed linears.
 
 use crate::calib::BlockStats;
-use anyhow::Result;
+use anyhow::{Context, Result};
 use recoup_formats::packed::{GridSpec, PackedLinear};
 use recoup_model::llama::Site;
 
@@ -143,6 +143,25 @@ pub trait Method: Sync {
         stats: Option<&BlockStats>,
         targets: &[LinearName],
     ) -> Result<Vec<(LinearName, QuantizedLinear)>>;
+}
+
+/// Quantizes each of `targets` in turn with `quantize(name, layer, grid)`, naming the layer
+/// in any error.
+pub fn quantize_targets(
+    block: &BlockWeights,
+    targets: &[LinearName],
+    grid: &GridChoice,
+    quantize: impl Fn(LinearName, &DenseLinear, &GridSpec) -> Result<QuantizedLinear>,
+) -> Result<Vec<(LinearName, QuantizedLinear)>> {
+    targets
+        .iter()
+        .map(|&name| {
+            let l = block.linear(name);
+            let spec = grid.spec(l.cols)?;
+            let q = quantize(name, l, &spec).with_context(|| name.module())?;
+            Ok((name, q))
+        })
+        .collect()
 }
 
 /// Bits, group size and symmetry chosen for a run; a group of `None` is one per output row.

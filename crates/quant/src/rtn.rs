@@ -4,7 +4,9 @@
 
 use crate::calib::BlockStats;
 use crate::grid::{Clip, quantize_rtn};
-use crate::method::{BlockWeights, GridChoice, LinearName, Method, QuantizedLinear};
+use crate::method::{
+    BlockWeights, GridChoice, LinearName, Method, QuantizedLinear, quantize_targets,
+};
 use anyhow::Result;
 use recoup_formats::packed::PackedLinear;
 
@@ -37,20 +39,14 @@ impl Method for Rtn {
         stats: Option<&BlockStats>,
         targets: &[LinearName],
     ) -> Result<Vec<(LinearName, QuantizedLinear)>> {
-        targets
-            .iter()
-            .map(|&name| {
-                let l = block.linear(name);
-                let spec = self.grid.spec(l.cols)?;
-                let diag: Option<Vec<f32>> = stats.map(|st| {
-                    let st = st.site(name.site());
-                    (0..st.n).map(|i| st.h[i * st.n + i] as f32).collect()
-                });
-                let matrix = quantize_rtn(&l.w, l.rows, l.cols, &spec, self.clip, diag.as_deref())
-                    .pack(spec, l.rows, l.cols);
-                let packed = PackedLinear { matrix, perm: None };
-                Ok((name, QuantizedLinear::plain(packed)))
-            })
-            .collect()
+        quantize_targets(block, targets, &self.grid, |name, l, spec| {
+            let diag: Option<Vec<f32>> = stats.map(|st| {
+                let st = st.site(name.site());
+                (0..st.n).map(|i| st.h[i * st.n + i] as f32).collect()
+            });
+            let matrix = quantize_rtn(&l.w, l.rows, l.cols, spec, self.clip, diag.as_deref())
+                .pack(*spec, l.rows, l.cols);
+            Ok(QuantizedLinear::plain(PackedLinear { matrix, perm: None }))
+        })
     }
 }
