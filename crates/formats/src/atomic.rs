@@ -6,8 +6,10 @@ use std::fs;
 use std::path::Path;
 
 /// Writes a directory atomically: `fill` populates a fresh temporary directory beside `dest`,
-/// which then replaces `dest` (an existing `dest` is replaced only after `fill` succeeded).
+/// which then replaces `dest` (an existing `dest` is replaced only after `fill` succeeded,
+/// and only if it is empty or a model directory with a `config.json`).
 pub fn write_dir(dest: &Path, fill: impl FnOnce(&Path) -> Result<()>) -> Result<()> {
+    check_replaceable(dest)?;
     let parent = match dest.parent() {
         Some(p) if !p.as_os_str().is_empty() => p,
         _ => Path::new("."),
@@ -34,4 +36,21 @@ pub fn write_dir(dest: &Path, fill: impl FnOnce(&Path) -> Result<()>) -> Result<
     fs::rename(&tmp_path, dest)
         .with_context(|| format!("cannot rename into {}", dest.display()))?;
     Ok(())
+}
+
+/// Refuses an output path that [`write_dir`] must not replace: anything but a missing path,
+/// an empty directory or an earlier model directory (one with a `config.json`), so that a
+/// mistyped destination never deletes unrelated files. Callers with long jobs check first.
+pub fn check_replaceable(dest: &Path) -> Result<()> {
+    if !dest.exists() {
+        return Ok(());
+    }
+    let empty = fs::read_dir(dest).map(|mut d| d.next().is_none());
+    if dest.join("config.json").is_file() || matches!(empty, Ok(true)) {
+        return Ok(());
+    }
+    anyhow::bail!(
+        "{} exists and is not a model directory; choose another output path",
+        dest.display()
+    )
 }
