@@ -58,8 +58,8 @@ pub struct Args {
     #[arg(long, default_value_t = 0.01)]
     damp: f64,
     /// AWQ: calibration rows (over all windows) on which the scale search is evaluated.
-    #[arg(long, default_value_t = 2048)]
-    awq_rows: usize,
+    #[arg(long, default_value_t = 2048, value_parser = clap::value_parser!(u64).range(1..))]
+    awq_rows: u64,
     /// Output directory (a recoup checkpoint, written atomically).
     #[arg(long)]
     out: PathBuf,
@@ -94,7 +94,11 @@ fn grid(args: &Args) -> Result<GridChoice> {
         sym: args.sym,
     };
     // Validate bits and group now rather than at the first layer.
-    choice.spec(group.unwrap_or(recoup_formats::packed::BLOCK))?;
+    recoup_formats::packed::GridSpec::new(
+        args.bits,
+        group.unwrap_or(recoup_formats::packed::BLOCK),
+        args.sym,
+    )?;
     Ok(choice)
 }
 
@@ -144,7 +148,7 @@ pub fn main(args: Args) -> Result<()> {
         }),
         MethodArg::Awq => Box::new(Awq {
             grid,
-            sample_rows: args.awq_rows,
+            sample_rows: args.awq_rows as usize,
             ..Default::default()
         }),
         MethodArg::Gptq => Box::new(Gptq {
@@ -169,6 +173,19 @@ pub fn main(args: Args) -> Result<()> {
         .transpose()
         .context("--skip is not a valid regular expression")?;
     let model_path = recoup_assets::resolve(&args.model, recoup_assets::AssetKind::Model)?;
+    // Refused now rather than after an hour of quantization.
+    recoup_formats::atomic::check_replaceable(&args.out)?;
+    let same = |a: &Path, b: &Path| {
+        a.canonicalize()
+            .ok()
+            .is_some_and(|a| Some(a) == b.canonicalize().ok())
+    };
+    if same(&args.out, &model_path) {
+        bail!(
+            "--out {} is the model being quantized; choose another output path",
+            args.out.display()
+        );
+    }
     let opened = recoup_model::load::open(&model_path)?;
     let no_calib = args.calib.len() == 1 && args.calib[0] == "none";
     if no_calib && method.needs_calibration() {

@@ -207,6 +207,7 @@ fn bad_flags_are_clear_errors() {
             vec!["--method", "gptq", "--calib", "/nonexistent/text"],
             "/nonexistent/text",
         ),
+        (vec!["--method", "awq", "--awq-rows", "0"], "--awq-rows"),
     ] {
         let o = quantize(&flags, &out);
         assert!(!o.status.success(), "{flags:?} succeeded");
@@ -217,6 +218,38 @@ fn bad_flags_are_clear_errors() {
         );
     }
     assert!(!out.exists());
+
+    // SmolLM2's context is 8192 tokens.
+    let o = recoup(&[
+        "quantize",
+        "--model",
+        "smollm2-135m",
+        "--method",
+        "gptq",
+        "--nsamples",
+        "1",
+        "--seqlen",
+        "9000",
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert!(
+        !o.status.success() && stderr(&o).contains("exceed the model's context"),
+        "{}",
+        stderr(&o)
+    );
+
+    // An existing directory that is not a model is never replaced.
+    let precious = dir.path().join("precious");
+    std::fs::create_dir(&precious).unwrap();
+    std::fs::write(precious.join("notes.txt"), "keep me").unwrap();
+    let o = quantize(&["--method", "rtn", "--calib", "none"], &precious);
+    assert!(
+        !o.status.success() && stderr(&o).contains("not a model directory"),
+        "{}",
+        stderr(&o)
+    );
+    assert!(precious.join("notes.txt").exists());
 }
 
 #[test]

@@ -175,6 +175,12 @@ pub struct GridChoice {
 impl GridChoice {
     /// The grid for a matrix of `cols` input channels.
     pub fn spec(&self, cols: usize) -> Result<GridSpec> {
+        if !cols.is_multiple_of(recoup_formats::packed::BLOCK) {
+            anyhow::bail!(
+                "{cols} input channels are not a multiple of {}, the packed block size",
+                recoup_formats::packed::BLOCK
+            );
+        }
         GridSpec::new(self.bits, self.group.unwrap_or(cols), self.sym)
     }
 

@@ -315,6 +315,15 @@ pub fn quantize(job: &Job, on_event: &mut dyn FnMut(Event)) -> Result<Summary> {
         blocks,
     });
 
+    if let Some(cal) = calibration
+        && cal.seqlen > c.max_position
+    {
+        bail!(
+            "calibration windows of {} tokens exceed the model's context of {}",
+            cal.seqlen,
+            c.max_position
+        );
+    }
     let mut acts = match calibration {
         Some(cal) => {
             let embed = source.tensor("model.embed_tokens.weight")?.data;
