@@ -125,6 +125,26 @@ impl Block {
         rope: &RopeTable,
         tap: &mut dyn FnMut(Site, &[f32]),
     ) {
+        let gate = self.forward_to_down(c, x, t, k_cache, v_cache, p0, rope, tap);
+        let down = self.down.forward(&gate, t);
+        x.iter_mut().zip(&down).for_each(|(a, b)| *a += b);
+    }
+
+    /// `forward` up to the down projection, whose input it returns (`x` then holds the
+    /// residual stream after attention). Calibration stops here when nothing reads the
+    /// block's output: the down projection is 30 % of a Qwen2.5 block's work.
+    #[allow(clippy::too_many_arguments)]
+    pub fn forward_to_down(
+        &self,
+        c: &ModelConfig,
+        x: &mut [f32],
+        t: usize,
+        k_cache: &mut [f32],
+        v_cache: &mut [f32],
+        p0: usize,
+        rope: &RopeTable,
+        tap: &mut dyn FnMut(Site, &[f32]),
+    ) -> Vec<f32> {
         let mut h = vec![0f32; x.len()];
         rms_norm(x, &self.attn_norm, c.rms_eps, &mut h);
         tap(Site::Qkv, &h);
@@ -152,8 +172,7 @@ impl Block {
         let up = self.up.forward(&h, t);
         silu_mul(&mut gate, &up);
         tap(Site::Down, &gate);
-        let down = self.down.forward(&gate, t);
-        x.iter_mut().zip(&down).for_each(|(a, b)| *a += b);
+        gate
     }
 }
 

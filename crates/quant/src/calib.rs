@@ -3,7 +3,7 @@
 
 use anyhow::{Result, bail};
 use rand::{RngExt, SeedableRng};
-use recoup_kernels::matmul::gram;
+use recoup_kernels::matmul::gram_upper;
 use recoup_model::Tokenizer;
 use recoup_model::llama::Site;
 use serde_json::json;
@@ -134,9 +134,18 @@ impl BlockStats {
         &self.sites[site_index(site)]
     }
 
-    /// Frees the per-window buffer once every window has been added.
+    /// Completes each H from its upper triangle and frees the per-window buffer, once every
+    /// window has been added.
     pub fn finish(&mut self) {
         self.scratch = Vec::new();
+        for s in &mut self.sites {
+            let n = s.n;
+            for i in 0..n {
+                for j in 0..i {
+                    s.h[i * n + j] = s.h[j * n + i];
+                }
+            }
+        }
     }
 
     /// Adds `t` rows of one window's input at `site`.
@@ -146,10 +155,14 @@ impl BlockStats {
         let g = &mut self.scratch;
         g.resize(n * n, 0.0);
         // Within a window f32 sums suffice; windows accumulate in f64.
-        gram(x, g, t, n);
-        s.h.iter_mut()
-            .zip(g.iter())
-            .for_each(|(h, &v)| *h += v as f64);
+        gram_upper(x, g, t, n);
+        for i in 0..n {
+            let row = i * n + i..(i + 1) * n;
+            s.h[row.clone()]
+                .iter_mut()
+                .zip(&g[row])
+                .for_each(|(h, &v)| *h += v as f64);
+        }
         let old = s.tokens as f64;
         s.tokens += t;
         let mut sums = vec![0f64; n];

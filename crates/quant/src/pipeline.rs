@@ -9,7 +9,7 @@
 //! appears atomically.
 
 use crate::calib::{BlockStats, CalibrationSet};
-use crate::error::output_error;
+use crate::error::sampled_output_error;
 use crate::method::{BlockWeights, DenseLinear, LinearName, Method, QuantizedLinear};
 use anyhow::{Context, Result, anyhow, bail};
 use recoup_formats::hf::HfDir;
@@ -222,7 +222,11 @@ impl Activations {
                     s.add(site, input, t);
                 }
             };
-            block.forward(c, target, t, &mut k, &mut v, 0, &self.rope, &mut tap);
+            if update {
+                block.forward(c, target, t, &mut k, &mut v, 0, &self.rope, &mut tap);
+            } else {
+                block.forward_to_down(c, target, t, &mut k, &mut v, 0, &self.rope, &mut tap);
+            }
         }
     }
 }
@@ -395,7 +399,7 @@ pub fn quantize(job: &Job, on_event: &mut dyn FnMut(Event)) -> Result<Summary> {
                 None => &weights.linear(*name).w,
             };
             let rel_error = stats.as_ref().map(|st| {
-                output_error(
+                sampled_output_error(
                     w,
                     &q.effective_weight(),
                     &st.site(name.site()).h,
