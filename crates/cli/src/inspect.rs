@@ -20,8 +20,18 @@ pub fn main(args: Args) -> Result<()> {
             args.path.display()
         );
     };
+    // FBQuant's guarantee, |W_F − W| ≤ s/2, checked on what quantization recorded; the
+    // tolerance covers f32 rounding (about 1e-6 of a step).
+    let violations = meta
+        .layers
+        .values()
+        .filter(|l| l.method == "fbquant")
+        .filter(|l| l.max_error_steps.is_none_or(|e| e > 0.5 + 1e-4))
+        .count();
     if args.json {
-        println!("{}", serde_json::to_string_pretty(&meta)?);
+        let mut v = serde_json::to_value(&meta)?;
+        v["fbquant_bound_violations"] = violations.into();
+        println!("{}", serde_json::to_string_pretty(&v)?);
         return Ok(());
     }
     println!("method: {}  settings: {}", meta.method, meta.settings);
@@ -31,24 +41,27 @@ pub fn main(args: Args) -> Result<()> {
     }
     println!("source: {}", meta.source);
     println!(
-        "{:<44} {:>6} {:>4} {:>5} {:>5} {:>11} {:>7} {:>10}",
-        "layer", "method", "bits", "group", "sym", "shape", "bpw", "rel.error"
+        "{:<44} {:>7} {:>4} {:>5} {:>4} {:>11} {:>4} {:>7} {:>10} {:>8}",
+        "layer", "method", "bits", "group", "sym", "shape", "rank", "bpw", "rel.error", "max|E|/s"
     );
     let (mut bits, mut weights) = (0f64, 0f64);
     for (name, l) in &meta.layers {
         let n = (l.rows * l.cols) as f64;
         bits += l.bits_per_weight * n;
         weights += n;
+        let or_dash = |v: Option<String>| v.unwrap_or("-".into());
         println!(
-            "{:<44} {:>6} {:>4} {:>5} {:>5} {:>11} {:>7.3} {:>10}",
+            "{:<44} {:>7} {:>4} {:>5} {:>4} {:>11} {:>4} {:>7.3} {:>10} {:>8}",
             name,
             l.method,
             l.bits,
             l.group,
             if l.sym { "yes" } else { "no" },
             format!("{}x{}", l.rows, l.cols),
+            or_dash(l.rank.map(|r| r.to_string())),
             l.bits_per_weight,
-            l.rel_error.map(|e| format!("{e:.5}")).unwrap_or("-".into())
+            or_dash(l.rel_error.map(|e| format!("{e:.5}"))),
+            or_dash(l.max_error_steps.map(|e| format!("{e:.3}"))),
         );
     }
     println!(
@@ -56,5 +69,8 @@ pub fn main(args: Args) -> Result<()> {
         meta.layers.len(),
         if weights > 0.0 { bits / weights } else { 0.0 }
     );
+    if meta.method == "fbquant" {
+        println!("fbquant bound |W_F − W| ≤ s/2 violated in {violations} layers");
+    }
     Ok(())
 }

@@ -3,6 +3,7 @@ use recoup_quant::awq::Awq;
 use recoup_quant::calib::{CalibText, sample_windows};
 use recoup_quant::gptq::{Gptq, GptqOptions};
 use recoup_quant::grid::Clip;
+use recoup_quant::lowrank::{Base, Branch, LowRankMethod, Training};
 use recoup_quant::method::{GridChoice, Method};
 use recoup_quant::pipeline::{Event, Job, quantize, work_dir};
 use recoup_quant::rtn::Rtn;
@@ -60,6 +61,20 @@ pub struct Args {
     /// AWQ: calibration rows (over all windows) on which the scale search is evaluated.
     #[arg(long, default_value_t = 2048, value_parser = clap::value_parser!(u64).range(1..))]
     awq_rows: u64,
+    /// Low-rank methods: rank of the branch Σ = A·B [default: 32].
+    #[arg(long)]
+    rank: Option<usize>,
+    /// Low-rank methods: where the quantized part comes from; fbquant takes rtn or awq
+    /// (quantizing W − Σ in AWQ's scaled basis) [default: rtn].
+    #[arg(long, value_enum)]
+    base: Option<BaseArg>,
+    /// fbquant, subbranch-trained: Adam steps per linear layer [default: 200].
+    #[arg(long)]
+    steps: Option<usize>,
+    /// fbquant, subbranch-trained: Adam step size, relative to each factor's initial RMS
+    /// [default: 0.01].
+    #[arg(long)]
+    lr: Option<f32>,
     /// Output directory (a recoup checkpoint, written atomically).
     #[arg(long)]
     out: PathBuf,
@@ -70,6 +85,29 @@ pub struct Args {
 
 #[derive(Clone, Copy, clap::ValueEnum)]
 enum MethodArg {
+    Rtn,
+    Gptq,
+    Awq,
+    Lorc,
+    Lqer,
+    Fbquant,
+    SubbranchTrained,
+}
+
+impl MethodArg {
+    fn branch(self) -> Option<Branch> {
+        match self {
+            MethodArg::Lorc => Some(Branch::Lorc),
+            MethodArg::Lqer => Some(Branch::Lqer),
+            MethodArg::Fbquant => Some(Branch::Fbquant),
+            MethodArg::SubbranchTrained => Some(Branch::SubbranchTrained),
+            _ => None,
+        }
+    }
+}
+
+#[derive(Clone, Copy, PartialEq, clap::ValueEnum)]
+enum BaseArg {
     Rtn,
     Gptq,
     Awq,
@@ -100,6 +138,77 @@ fn grid(args: &Args) -> Result<GridChoice> {
         args.sym,
     )?;
     Ok(choice)
+}
+
+/// The method the flags describe, refusing flags that do not apply to it.
+fn method(args: &Args, grid: GridChoice) -> Result<Box<dyn Method>> {
+    let branch = args.method.branch();
+    let base = args.base.unwrap_or(BaseArg::Rtn);
+    let uses_gptq = matches!(args.method, MethodArg::Gptq) || base == BaseArg::Gptq;
+    if args.act_order && !uses_gptq {
+        bail!("--act-order applies to GPTQ only (--method gptq, or --base gptq)");
+    }
+    if args.clip && !matches!(args.method, MethodArg::Rtn) {
+        bail!("--clip applies to --method rtn only (AWQ always searches its clipping)");
+    }
+    if branch.is_none()
+        && (args.rank.is_some() || args.base.is_some() || args.steps.is_some() || args.lr.is_some())
+    {
+        bail!(
+            "--rank, --base, --steps and --lr apply to the low-rank methods \
+             (lorc, lqer, fbquant, subbranch-trained)"
+        );
+    }
+    let trained = matches!(branch, Some(Branch::Fbquant | Branch::SubbranchTrained));
+    if !trained && (args.steps.is_some() || args.lr.is_some()) {
+        bail!("--steps and --lr apply to the trained branches (fbquant, subbranch-trained)");
+    }
+    let gptq = GptqOptions {
+        damp: args.damp,
+        act_order: args.act_order,
+        ..Default::default()
+    };
+    let awq = Awq {
+        grid,
+        sample_rows: args.awq_rows as usize,
+        ..Default::default()
+    };
+    if let Some(branch) = branch {
+        let defaults = Training::default();
+        let training = Training {
+            steps: args.steps.unwrap_or(defaults.steps),
+            lr: args.lr.unwrap_or(defaults.lr),
+            ..defaults
+        };
+        let base = match base {
+            BaseArg::Rtn => Base::Rtn,
+            BaseArg::Gptq => Base::Gptq(gptq),
+            BaseArg::Awq => Base::Awq(awq),
+        };
+        let rank = args.rank.unwrap_or(32);
+        return Ok(Box::new(LowRankMethod::new(
+            branch, grid, rank, training, base,
+        )?));
+    }
+    Ok(match args.method {
+        MethodArg::Rtn => Box::new(Rtn {
+            grid,
+            clip: if args.clip {
+                Clip::Search {
+                    min_ratio: 0.5,
+                    steps: 20,
+                }
+            } else {
+                Clip::None
+            },
+        }),
+        MethodArg::Awq => Box::new(awq),
+        MethodArg::Gptq => Box::new(Gptq {
+            grid,
+            options: gptq,
+        }),
+        _ => unreachable!("the low-rank methods returned above"),
+    })
 }
 
 /// sha256 of a model's weight files (the file itself, or a directory's safetensors).
@@ -134,38 +243,7 @@ pub fn peak_rss_bytes() -> Option<u64> {
 pub fn main(args: Args) -> Result<()> {
     let start = Instant::now();
     let grid = grid(&args)?;
-    let method: Box<dyn Method> = match args.method {
-        MethodArg::Rtn => Box::new(Rtn {
-            grid,
-            clip: if args.clip {
-                Clip::Search {
-                    min_ratio: 0.5,
-                    steps: 20,
-                }
-            } else {
-                Clip::None
-            },
-        }),
-        MethodArg::Awq => Box::new(Awq {
-            grid,
-            sample_rows: args.awq_rows as usize,
-            ..Default::default()
-        }),
-        MethodArg::Gptq => Box::new(Gptq {
-            grid,
-            options: GptqOptions {
-                damp: args.damp,
-                act_order: args.act_order,
-                ..Default::default()
-            },
-        }),
-    };
-    if args.act_order && !matches!(args.method, MethodArg::Gptq) {
-        bail!("--act-order applies to --method gptq only");
-    }
-    if args.clip && !matches!(args.method, MethodArg::Rtn) {
-        bail!("--clip applies to --method rtn only (AWQ always searches its clipping)");
-    }
+    let method = method(&args, grid)?;
     let skip = args
         .skip
         .as_deref()

@@ -97,6 +97,50 @@ fn gptq_checkpoint_loads_measures_and_inspects() {
 }
 
 #[test]
+fn fbquant_checkpoint_keeps_its_bound_loads_and_measures() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("fbquant");
+    let flags = ["--method", "fbquant", "--bits", "3", "--group", "64"];
+    let o = quantize(
+        &[&flags[..], &["--rank", "8", "--steps", "20"]].concat(),
+        &out,
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+
+    let o = recoup(&["inspect", out.to_str().unwrap(), "--json"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let meta: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(meta["method"], "fbquant");
+    assert_eq!(meta["settings"]["rank"], 8);
+    assert_eq!(meta["fbquant_bound_violations"], 0);
+    for (name, l) in meta["layers"].as_object().unwrap() {
+        let (rows, cols) = (l["rows"].as_f64().unwrap(), l["cols"].as_f64().unwrap());
+        // 3 bits + (f16 scale + u8 zero) per 64 weights + f16 factors of rank 8.
+        let expect = 3.0 + 24.0 / 64.0 + 16.0 * 8.0 * (rows + cols) / (rows * cols);
+        let bpw = l["bits_per_weight"].as_f64().unwrap();
+        assert!((bpw - expect).abs() < 1e-9, "{name}: {bpw} vs {expect}");
+        let steps = l["max_error_steps"].as_f64().unwrap();
+        assert!(
+            steps <= 0.5 + 1e-4,
+            "{name}: |W_F − W| reaches {steps} steps"
+        );
+        assert_eq!(l["rank"], 8);
+    }
+
+    // The branch loads and applies at inference, and buys a better model than RTN alone.
+    let (full, fb) = (ppl("smollm2-135m"), ppl(out.to_str().unwrap()));
+    assert!(
+        fb > full && fb < 3.0 * full,
+        "3-bit FBQuant {fb} against f32 {full}"
+    );
+    let rtn = dir.path().join("rtn");
+    let o = quantize(&["--method", "rtn", "--bits", "3", "--group", "64"], &rtn);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let rtn_ppl = ppl(rtn.to_str().unwrap());
+    assert!(fb < rtn_ppl, "3-bit FBQuant {fb} against RTN {rtn_ppl}");
+}
+
+#[test]
 fn killed_quantization_resumes_to_an_identical_checkpoint() {
     let dir = tempfile::tempdir().unwrap();
     let whole = dir.path().join("whole");
@@ -197,8 +241,22 @@ fn bad_flags_are_clear_errors() {
         ),
         (
             vec!["--method", "awq", "--act-order"],
-            "--act-order applies to --method gptq",
+            "--act-order applies to GPTQ only",
         ),
+        (
+            vec!["--method", "fbquant", "--base", "gptq"],
+            "GPTQ's rounding would break that bound",
+        ),
+        (
+            vec!["--method", "gptq", "--rank", "16"],
+            "apply to the low-rank methods",
+        ),
+        (
+            vec!["--method", "lqer", "--steps", "10"],
+            "apply to the trained branches",
+        ),
+        (vec!["--method", "fbquant", "--rank", "0"], "--rank must be"),
+        (vec!["--method", "fbquant", "--lr", "-1"], "--lr must be"),
         (
             vec!["--method", "gptq", "--skip", "("],
             "--skip is not a valid regular expression",

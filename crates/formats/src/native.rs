@@ -1,11 +1,12 @@
 //! recoup's native checkpoint: a Hugging Face model directory whose `model.safetensors` holds
 //! each quantized linear `P` packed (`P.qweight` u8 `[rows, packed bytes]`, `P.scales` f16
 //! `[rows, groups]`, `P.zeros` u8 `[rows, groups]` unless symmetric, `P.perm` i32 `[cols]`
-//! after act-order) beside the tensors kept dense as the source stored them, and whose
+//! after act-order, `P.lowrank_a` f16 `[rows, rank]` and `P.lowrank_b` f16 `[rank, cols]`
+//! with a low-rank branch) beside the tensors kept dense as the source stored them, and whose
 //! `__metadata__["recoup"]` records how it was made ([`CheckpointMeta`]).
 
 use crate::hf::HfDir;
-use crate::packed::{GridSpec, PackedLinear, PackedMatrix, check_permutation};
+use crate::packed::{GridSpec, LowRank, PackedLinear, PackedMatrix, check_permutation};
 use anyhow::{Context, Result, anyhow, bail};
 use half::f16;
 use safetensors::Dtype;
@@ -33,6 +34,13 @@ pub struct LayerRecord {
     pub bits_per_weight: f64,
     /// Layer-output error on the calibration inputs, `tr(E H Eᵀ) / tr(W H Wᵀ)`, `E = Ŵ − W`.
     pub rel_error: Option<f64>,
+    /// Rank of the low-rank branch, if the layer has one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rank: Option<usize>,
+    /// `max |Ŵ − W| / s` over the layer (s: the element's group step), in the basis the
+    /// quantizer saw: at most ½ where nothing was clipped, which FBQuant guarantees.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_error_steps: Option<f64>,
 }
 
 /// How a checkpoint was made.
@@ -205,17 +213,23 @@ pub fn packed_tensors(prefix: &str, p: &PackedLinear) -> Vec<(String, StoredTens
         ),
         (
             format!("{prefix}.scales"),
-            StoredTensor::owned(
-                Dtype::F16,
-                vec![m.rows, groups],
-                m.scales.iter().flat_map(|s| s.to_le_bytes()).collect(),
-            ),
+            StoredTensor::owned(Dtype::F16, vec![m.rows, groups], f16_bytes(&m.scales)),
         ),
     ];
     if !m.spec.sym {
         out.push((
             format!("{prefix}.zeros"),
             StoredTensor::owned(Dtype::U8, vec![m.rows, groups], m.zeros.clone()),
+        ));
+    }
+    if let Some(lr) = &p.low_rank {
+        out.push((
+            format!("{prefix}.lowrank_a"),
+            StoredTensor::owned(Dtype::F16, vec![m.rows, lr.rank], f16_bytes(&lr.a)),
+        ));
+        out.push((
+            format!("{prefix}.lowrank_b"),
+            StoredTensor::owned(Dtype::F16, vec![lr.rank, m.cols], f16_bytes(&lr.b)),
         ));
     }
     if let Some(perm) = &p.perm {
@@ -231,6 +245,16 @@ pub fn packed_tensors(prefix: &str, p: &PackedLinear) -> Vec<(String, StoredTens
         ));
     }
     out
+}
+
+fn f16_bytes(v: &[f16]) -> Vec<u8> {
+    v.iter().flat_map(|x| x.to_le_bytes()).collect()
+}
+
+fn f16_values(b: &[u8]) -> Vec<f16> {
+    b.chunks_exact(2)
+        .map(|b| f16::from_le_bytes([b[0], b[1]]))
+        .collect()
 }
 
 /// Reads the packed linear `prefix` of a recoup checkpoint; `None` if it is stored dense.
@@ -262,10 +286,7 @@ pub fn read_packed(dir: &HfDir, prefix: &str) -> Result<Option<PackedLinear>> {
         Ok(bytes)
     };
     let codes = part("qweight", Dtype::U8, &[rows, spec.row_bytes(cols)])?.to_vec();
-    let scales = part("scales", Dtype::F16, &[rows, groups])?
-        .chunks_exact(2)
-        .map(|b| f16::from_le_bytes([b[0], b[1]]))
-        .collect();
+    let scales = f16_values(part("scales", Dtype::F16, &[rows, groups])?);
     let zeros = if spec.sym {
         Vec::new()
     } else {
@@ -290,5 +311,17 @@ pub fn read_packed(dir: &HfDir, prefix: &str) -> Result<Option<PackedLinear>> {
     } else {
         None
     };
-    Ok(Some(PackedLinear { matrix, perm }))
+    let low_rank = match rec.rank {
+        Some(rank) => Some(LowRank {
+            rank,
+            a: f16_values(part("lowrank_a", Dtype::F16, &[rows, rank])?),
+            b: f16_values(part("lowrank_b", Dtype::F16, &[rank, cols])?),
+        }),
+        None => None,
+    };
+    Ok(Some(PackedLinear {
+        matrix,
+        perm,
+        low_rank,
+    }))
 }

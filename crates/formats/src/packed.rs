@@ -288,17 +288,60 @@ impl PackedMatrix {
     }
 }
 
-/// A quantized linear layer's weights as stored: the packed matrix and, when its columns were
+/// A low-rank branch `Σ = A·B` beside a packed matrix, in the original column order:
+/// `a` `[rows, rank]` (the up-projection) and `b` `[rank, cols]` (the down-projection), f16.
+#[derive(Clone, Debug, PartialEq)]
+pub struct LowRank {
+    pub rank: usize,
+    pub a: Vec<f16>,
+    pub b: Vec<f16>,
+}
+
+impl LowRank {
+    /// Rounds f32 factors to their storage precision.
+    pub fn from_f32(rank: usize, a: &[f32], b: &[f32]) -> Self {
+        Self {
+            rank,
+            a: a.iter().map(|&v| f16::from_f32(v)).collect(),
+            b: b.iter().map(|&v| f16::from_f32(v)).collect(),
+        }
+    }
+
+    pub fn a_f32(&self) -> Vec<f32> {
+        self.a.iter().map(|v| v.to_f32()).collect()
+    }
+
+    pub fn b_f32(&self) -> Vec<f32> {
+        self.b.iter().map(|v| v.to_f32()).collect()
+    }
+
+    pub fn storage_bytes(&self) -> usize {
+        2 * (self.a.len() + self.b.len())
+    }
+}
+
+/// A quantized linear layer's weights as stored: the packed matrix; when its columns were
 /// quantized in a permuted order (GPTQ act-order), the permutation (stored column `j` is the
-/// original input channel `perm[j]`).
+/// original input channel `perm[j]`); and an optional low-rank branch added to its output.
 #[derive(Clone, Debug, PartialEq)]
 pub struct PackedLinear {
     pub matrix: PackedMatrix,
     pub perm: Option<Vec<u32>>,
+    pub low_rank: Option<LowRank>,
 }
 
 impl PackedLinear {
-    /// Dequantized weights `[rows, cols]` in the original column order.
+    /// A packed matrix alone, in the original column order.
+    pub fn plain(matrix: PackedMatrix) -> Self {
+        Self {
+            matrix,
+            perm: None,
+            low_rank: None,
+        }
+    }
+
+    /// The packed part's weights `[rows, cols]` in the original column order, without the
+    /// low-rank branch.
     pub fn dequantize(&self) -> Vec<f32> {
         let w = self.matrix.dequantize();
         let Some(perm) = &self.perm else { return w };
@@ -312,9 +355,11 @@ impl PackedLinear {
         out
     }
 
-    /// Bytes stored, the permutation included.
+    /// Bytes stored, the permutation and the low-rank branch included.
     pub fn storage_bytes(&self) -> usize {
-        self.matrix.storage_bytes() + self.perm.as_ref().map_or(0, |p| 4 * p.len())
+        self.matrix.storage_bytes()
+            + self.perm.as_ref().map_or(0, |p| 4 * p.len())
+            + self.low_rank.as_ref().map_or(0, LowRank::storage_bytes)
     }
 }
 

@@ -1,5 +1,6 @@
-//! Dense f32 products against row-major weights `w[m×k]` (one row per output feature, the
-//! layout of every linear layer): `y[n×m] = x[n×k] · wᵀ`.
+//! Dense f32 products. The one every linear layer uses reads row-major weights `w[m×k]` (one
+//! row per output feature): `y[n×m] = x[n×k] · wᵀ`; the others serve the quantizers (Gram
+//! matrices, GPTQ's in-place block updates, the low-rank branches' gradients).
 
 use gemm::Parallelism;
 
@@ -15,44 +16,94 @@ fn parallelism(flops: usize) -> Parallelism {
     }
 }
 
-/// `y[n×m] = x[n×k] · w[m×k]ᵀ` (overwrites `y`).
-pub fn matmul_wt(x: &[f32], w: &[f32], y: &mut [f32], n: usize, k: usize, m: usize) {
+/// A matrix operand: element `(i, j)` at `data[i·row + j·col]`, so one buffer serves as
+/// itself, its transpose, or a block of a larger matrix.
+#[derive(Clone, Copy)]
+struct Strided<'a> {
+    data: &'a [f32],
+    row: usize,
+    col: usize,
+}
+
+impl<'a> Strided<'a> {
+    fn row_major(data: &'a [f32], ld: usize) -> Self {
+        Self {
+            data,
+            row: ld,
+            col: 1,
+        }
+    }
+
+    fn transposed(data: &'a [f32], ld: usize) -> Self {
+        Self {
+            data,
+            row: 1,
+            col: ld,
+        }
+    }
+
+    /// Whether an `r×c` view stays inside the buffer.
+    fn fits(&self, r: usize, c: usize) -> bool {
+        r == 0 || c == 0 || (r - 1) * self.row + (c - 1) * self.col < self.data.len()
+    }
+}
+
+/// `dst[m×n] = lhs[m×k] · rhs[k×n]`, or `dst −= lhs · rhs` with `subtract`; `dst` is
+/// row-major with row stride `ldd`. The one place recoup calls into `gemm`.
+fn product(
+    dst: &mut [f32],
+    ldd: usize,
+    lhs: Strided,
+    rhs: Strided,
+    (m, k, n): (usize, usize, usize),
+    subtract: bool,
+    what: &str,
+) {
+    if m == 0 || n == 0 {
+        return;
+    }
+    let out = Strided::row_major(dst, ldd);
     assert!(
-        x.len() >= n * k && w.len() >= m * k && y.len() >= n * m,
-        "matmul_wt: buffers too small"
+        out.fits(m, n) && ldd >= n && lhs.fits(m, k) && rhs.fits(k, n),
+        "{what}: buffers too small"
     );
-    if n == 0 || m == 0 {
-        return;
-    }
     if k == 0 {
-        y[..n * m].fill(0.0);
+        if !subtract {
+            (0..m).for_each(|i| dst[i * ldd..i * ldd + n].fill(0.0));
+        }
         return;
     }
-    // SAFETY: the asserts above bound every access: dst is n×m with row stride m, lhs n×k
-    // with row stride k, rhs (= wᵀ) k×m with column stride k.
+    // SAFETY: `fits` bounds the last element each strided view touches, and `dst` is
+    // borrowed mutably while `lhs` and `rhs` are shared borrows, so they do not alias.
     unsafe {
         gemm::gemm(
-            n,
             m,
+            n,
             k,
-            y.as_mut_ptr(),
+            dst.as_mut_ptr(),
             1,
-            m as isize,
-            false,
-            x.as_ptr(),
-            1,
-            k as isize,
-            w.as_ptr(),
-            k as isize,
-            1,
-            0.0,
+            ldd as isize,
+            subtract,
+            lhs.data.as_ptr(),
+            lhs.col as isize,
+            lhs.row as isize,
+            rhs.data.as_ptr(),
+            rhs.col as isize,
+            rhs.row as isize,
             1.0,
+            if subtract { -1.0 } else { 1.0 },
             false,
             false,
             false,
-            parallelism(n * m * k),
+            parallelism(m * n * k),
         );
     }
+}
+
+/// `y[n×m] = x[n×k] · w[m×k]ᵀ` (overwrites `y`).
+pub fn matmul_wt(x: &[f32], w: &[f32], y: &mut [f32], n: usize, k: usize, m: usize) {
+    let (x, w) = (Strided::row_major(x, k), Strided::transposed(w, k));
+    product(y, m, x, w, (n, k, m), false, "matmul_wt");
 }
 
 /// Scalar reference for [`matmul_wt`], accumulating in f64.
@@ -63,6 +114,39 @@ pub fn matmul_wt_reference(x: &[f32], w: &[f32], y: &mut [f32], n: usize, k: usi
                 .map(|c| x[i * k + c] as f64 * w[j * k + c] as f64)
                 .sum();
             y[i * m + j] = dot as f32;
+        }
+    }
+}
+
+/// `c[m×n] = a[m×k] · b[k×n]` (overwrites `c`).
+pub fn matmul(a: &[f32], b: &[f32], c: &mut [f32], m: usize, k: usize, n: usize) {
+    let (a, b) = (Strided::row_major(a, k), Strided::row_major(b, n));
+    product(c, n, a, b, (m, k, n), false, "matmul");
+}
+
+/// `c[m×n] = a[k×m]ᵀ · b[k×n]` (overwrites `c`).
+pub fn matmul_tn(a: &[f32], b: &[f32], c: &mut [f32], k: usize, m: usize, n: usize) {
+    let (a, b) = (Strided::transposed(a, m), Strided::row_major(b, n));
+    product(c, n, a, b, (m, k, n), false, "matmul_tn");
+}
+
+/// Scalar reference for [`matmul`] and [`matmul_tn`]: `c[m×n] = op(a) · b` with `op(a)`
+/// element `(i, t)` at `a[i·a_row + t·a_col]`, accumulating in f64.
+pub fn matmul_reference(
+    a: &[f32],
+    (a_row, a_col): (usize, usize),
+    b: &[f32],
+    c: &mut [f32],
+    m: usize,
+    k: usize,
+    n: usize,
+) {
+    for i in 0..m {
+        for j in 0..n {
+            let dot: f64 = (0..k)
+                .map(|t| a[i * a_row + t * a_col] as f64 * b[t * n + j] as f64)
+                .sum();
+            c[i * n + j] = dot as f32;
         }
     }
 }
@@ -79,44 +163,23 @@ pub fn gram_upper(x: &[f32], g: &mut [f32], n: usize, k: usize) {
         x.len() >= n * k && g.len() >= k * k,
         "gram: buffers too small"
     );
-    if k == 0 {
-        return;
-    }
-    if n == 0 {
-        g[..k * k].fill(0.0);
-        return;
-    }
-    // The result is symmetric: compute the tiles on and above the diagonal only.
+    // The result is symmetric: compute the tiles on and above the diagonal only, each
+    // tile (i0.., j0..) = (columns i0.. of x)ᵀ · (columns j0.. of x).
     for i0 in (0..k).step_by(GRAM_TILE) {
         let i1 = (i0 + GRAM_TILE).min(k);
         for j0 in (i0..k).step_by(GRAM_TILE) {
             let j1 = (j0 + GRAM_TILE).min(k);
-            // SAFETY: dst is rows i0..i1, columns j0..j1 of the k×k `g` (row stride k); lhs
-            // = xᵀ restricted to rows i0..i1 (element (i, t) at t·k + i); rhs = x restricted
-            // to columns j0..j1 (element (t, j) at t·k + j); all inside the asserted lengths.
-            unsafe {
-                gemm::gemm(
-                    i1 - i0,
-                    j1 - j0,
-                    n,
-                    g.as_mut_ptr().add(i0 * k + j0),
-                    1,
-                    k as isize,
-                    false,
-                    x.as_ptr().add(i0),
-                    k as isize,
-                    1,
-                    x.as_ptr().add(j0),
-                    1,
-                    k as isize,
-                    0.0,
-                    1.0,
-                    false,
-                    false,
-                    false,
-                    parallelism(n * (i1 - i0) * (j1 - j0)),
-                );
-            }
+            let lhs = Strided::transposed(&x[i0..], k);
+            let rhs = Strided::row_major(&x[j0..], k);
+            product(
+                &mut g[i0 * k + j0..],
+                k,
+                lhs,
+                rhs,
+                (i1 - i0, n, j1 - j0),
+                false,
+                "gram",
+            );
         }
     }
 }
@@ -147,42 +210,12 @@ pub fn matmul_sub(
     k: usize,
     n: usize,
 ) {
-    if r == 0 || n == 0 || k == 0 {
-        return;
-    }
     assert!(
-        c.len() >= (r - 1) * ldc + n
-            && a.len() >= (r - 1) * lda + k
-            && b.len() >= (k - 1) * ldb + n
-            && ldc >= n
-            && lda >= k
-            && ldb >= n,
-        "matmul_sub: buffers too small"
+        lda >= k && ldb >= n,
+        "matmul_sub: strides shorter than rows"
     );
-    // SAFETY: the assert bounds the last element each strided operand touches.
-    unsafe {
-        gemm::gemm(
-            r,
-            n,
-            k,
-            c.as_mut_ptr(),
-            1,
-            ldc as isize,
-            true,
-            a.as_ptr(),
-            1,
-            lda as isize,
-            b.as_ptr(),
-            1,
-            ldb as isize,
-            1.0,
-            -1.0,
-            false,
-            false,
-            false,
-            parallelism(r * n * k),
-        );
-    }
+    let (a, b) = (Strided::row_major(a, lda), Strided::row_major(b, ldb));
+    product(c, ldc, a, b, (r, k, n), true, "matmul_sub");
 }
 
 /// Scalar reference for [`matmul_sub`].
@@ -269,6 +302,24 @@ mod tests {
                     c0[i * ldc + n..(i + 1) * ldc]
                 );
             }
+        }
+    }
+
+    #[test]
+    fn matmul_and_matmul_tn_match_reference() {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(13);
+        for &(m, k, n) in &[(1, 1, 1), (5, 17, 3), (64, 300, 32), (896, 32, 70)] {
+            let a = random(&mut rng, m * k);
+            let b = random(&mut rng, k * n);
+            let tol = 1e-4 * (k as f32).sqrt();
+            let (mut fast, mut slow) = (vec![0f32; m * n], vec![0f32; m * n]);
+            matmul(&a, &b, &mut fast, m, k, n);
+            matmul_reference(&a, (k, 1), &b, &mut slow, m, k, n);
+            assert_close(&fast, &slow, tol, &format!("matmul ({m},{k},{n})"));
+            // The same buffer read as a[k×m]ᵀ.
+            matmul_tn(&a, &b, &mut fast, k, m, n);
+            matmul_reference(&a, (1, m), &b, &mut slow, m, k, n);
+            assert_close(&fast, &slow, tol, &format!("matmul_tn ({m},{k},{n})"));
         }
     }
 

@@ -62,14 +62,18 @@ impl LinearOp for DenseF32 {
 }
 
 /// Packed low-bit weights, dequantized to f32 for every product: the reference compute path
-/// that the fast kernels replace. Only the packed form stays resident.
+/// that the fast kernels replace. Only the packed form stays resident, with the low-rank
+/// branch's factors in f32 (`rank · (rows + cols)` values).
 pub struct PackedDequant {
     packed: PackedLinear,
+    /// `A` `[rows, rank]` and `B` `[rank, cols]`.
+    low_rank: Option<(Vec<f32>, Vec<f32>)>,
 }
 
 impl PackedDequant {
     pub fn new(packed: PackedLinear) -> Self {
-        Self { packed }
+        let low_rank = packed.low_rank.as_ref().map(|l| (l.a_f32(), l.b_f32()));
+        Self { packed, low_rank }
     }
 }
 
@@ -83,8 +87,18 @@ impl LinearOp for PackedDequant {
     }
 
     fn forward(&self, x: &[f32], n: usize, y: &mut [f32]) {
+        let (cols, rows) = (self.in_features(), self.out_features());
         let w = self.packed.dequantize();
-        matmul_wt(x, &w, y, n, self.in_features(), self.out_features());
+        matmul_wt(x, &w, y, n, cols, rows);
+        if let Some((a, b)) = &self.low_rank {
+            // y += (x Bᵀ) Aᵀ: two thin products instead of forming A·B.
+            let rank = b.len() / cols;
+            let mut xb = vec![0f32; n * rank];
+            matmul_wt(x, b, &mut xb, n, cols, rank);
+            let mut branch = vec![0f32; n * rows];
+            matmul_wt(&xb, a, &mut branch, n, rank, rows);
+            y.iter_mut().zip(&branch).for_each(|(y, v)| *y += v);
+        }
     }
 
     fn kind(&self) -> String {
@@ -95,7 +109,12 @@ impl LinearOp for PackedDequant {
         } else {
             ""
         };
-        format!("{}-bit g{} {sym}{order}", s.bits, s.group)
+        let rank = self
+            .packed
+            .low_rank
+            .as_ref()
+            .map_or(String::new(), |l| format!(", rank {}", l.rank));
+        format!("{}-bit g{} {sym}{order}{rank}", s.bits, s.group)
     }
 
     fn weight_bytes(&self) -> usize {

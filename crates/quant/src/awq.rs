@@ -196,7 +196,7 @@ impl Awq {
 
     /// RTN of a (scaled) layer with each group's clipping ratio chosen against `h`, its
     /// input's Hessian in the scaled basis: the group's error `e` costs `e H_gg eᵀ`.
-    fn quantize_clipped(
+    pub(crate) fn quantize_clipped(
         &self,
         w: &[f32],
         rows: usize,
@@ -262,8 +262,76 @@ impl Method for Awq {
         targets: &[LinearName],
     ) -> Result<Vec<(LinearName, QuantizedLinear)>> {
         let stats = stats.ok_or_else(|| anyhow!("AWQ needs calibration statistics"))?;
-        let mut input_scale: Vec<Option<Vec<f32>>> = vec![None; LinearName::ALL.len()];
-        let mut output_scale: Vec<Option<Vec<f32>>> = vec![None; LinearName::ALL.len()];
+        let scaling = self.scale_block(block, stats, targets)?;
+        quantize_targets(block, targets, &self.grid, |name, l, spec| {
+            // Clipping against H, except for q and k whose errors attention amplifies.
+            let h = (!matches!(name, LinearName::Q | LinearName::K))
+                .then(|| scaling.hessian(name, stats));
+            let matrix = self
+                .quantize_clipped(&l.w, l.rows, l.cols, spec, h.as_deref())
+                .pack(*spec, l.rows, l.cols);
+            Ok(scaling.wrap(name, PackedLinear::plain(matrix)))
+        })
+    }
+}
+
+/// The channel scales AWQ folded into a block, per linear layer.
+pub struct Scaling {
+    input: Vec<Option<Vec<f32>>>,
+    output: Vec<Option<Vec<f32>>>,
+}
+
+impl Scaling {
+    pub fn input(&self, name: LinearName) -> Option<&[f32]> {
+        self.input[name as usize].as_deref()
+    }
+
+    /// `H` of the layer's input in the scaled basis (`X/s`), in f32.
+    pub fn hessian(&self, name: LinearName, stats: &BlockStats) -> Vec<f32> {
+        let st = stats.site(name.site());
+        let n = st.n;
+        let s = self.input(name);
+        (0..n * n)
+            .map(|k| {
+                let (i, j) = (k / n, k % n);
+                let d = s.map_or(1.0, |s| s[i] as f64 * s[j] as f64);
+                (st.h[k] / d) as f32
+            })
+            .collect()
+    }
+
+    /// The mean |x| per input channel in the scaled basis.
+    pub fn abs_mean(&self, name: LinearName, stats: &BlockStats) -> Vec<f32> {
+        let st = stats.site(name.site());
+        let s = self.input(name);
+        (0..st.n)
+            .map(|i| (st.abs_mean[i] / s.map_or(1.0, |s| s[i] as f64)) as f32)
+            .collect()
+    }
+
+    /// A layer quantized in the scaled basis, with the scales it needs.
+    pub fn wrap(&self, name: LinearName, packed: PackedLinear) -> QuantizedLinear {
+        QuantizedLinear {
+            packed,
+            input_scale: self.input[name as usize].clone(),
+            output_scale: self.output[name as usize].clone(),
+        }
+    }
+}
+
+impl Awq {
+    /// Searches each input's scales and folds them into the block (the f32 block computes
+    /// what it did before); the quantizer then sees the scaled weights.
+    pub fn scale_block(
+        &self,
+        block: &mut BlockWeights,
+        stats: &BlockStats,
+        targets: &[LinearName],
+    ) -> Result<Scaling> {
+        let mut scaling = Scaling {
+            input: vec![None; LinearName::ALL.len()],
+            output: vec![None; LinearName::ALL.len()],
+        };
         for g in &GROUPS {
             // Scaling only pays where every layer sharing the input is quantized.
             if !g.layers.iter().all(|l| targets.contains(l))
@@ -274,36 +342,14 @@ impl Method for Awq {
             let s = self.search_scale(block, g, stats)?;
             if fold(block, g.layers, g.prev, &s) {
                 for &l in g.layers {
-                    input_scale[l as usize] = Some(s.clone());
+                    scaling.input[l as usize] = Some(s.clone());
                 }
                 if let Prev::Linear(p) = g.prev {
-                    output_scale[p as usize] = Some(s.clone());
+                    scaling.output[p as usize] = Some(s.clone());
                 }
             }
         }
-        quantize_targets(block, targets, &self.grid, |name, l, spec| {
-            let st = stats.site(name.site());
-            // H of the scaled input X/s.
-            let h: Option<Vec<f32>> = (!matches!(name, LinearName::Q | LinearName::K)).then(|| {
-                let n = st.n;
-                let s = input_scale[name as usize].as_deref();
-                (0..n * n)
-                    .map(|k| {
-                        let (i, j) = (k / n, k % n);
-                        let d = s.map_or(1.0, |s| s[i] as f64 * s[j] as f64);
-                        (st.h[k] / d) as f32
-                    })
-                    .collect()
-            });
-            let matrix = self
-                .quantize_clipped(&l.w, l.rows, l.cols, spec, h.as_deref())
-                .pack(*spec, l.rows, l.cols);
-            Ok(QuantizedLinear {
-                packed: PackedLinear { matrix, perm: None },
-                input_scale: input_scale[name as usize].clone(),
-                output_scale: output_scale[name as usize].clone(),
-            })
-        })
+        Ok(scaling)
     }
 }
 

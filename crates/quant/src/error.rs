@@ -1,6 +1,7 @@
 //! The layer-output error every method is judged by: for calibration inputs `X` with
 //! `H = XᵀX`, `‖X Êᵀ‖² = tr(E H Eᵀ)` where `E = Ŵ − W`, reported relative to `tr(W H Wᵀ)`.
 
+use recoup_formats::packed::PackedLinear;
 use recoup_kernels::matmul::matmul_wt;
 
 /// Layers with more output rows are judged on this many evenly spaced rows: the exact ratio
@@ -42,6 +43,27 @@ pub fn sampled_output_error(w: &[f32], w_hat: &[f32], h: &[f64], rows: usize, co
             .collect()
     };
     output_error(&pick(w), &pick(w_hat), h, ERROR_ROWS, cols)
+}
+
+/// `max |ŵ − w| / s` over a layer (`reconstructed` is ŵ, `[rows, cols]` in the original
+/// column order; `s` is each element's group step): at most ½ wherever the quantizer rounded
+/// to nearest without clipping, whatever was added after it.
+pub fn max_error_steps(w: &[f32], reconstructed: &[f32], packed: &PackedLinear) -> f64 {
+    let m = &packed.matrix;
+    let gpr = m.groups_per_row();
+    let mut worst = 0f64;
+    for r in 0..m.rows {
+        for j in 0..m.cols {
+            let col = packed.perm.as_ref().map_or(j, |p| p[j] as usize);
+            let step = m.scales[r * gpr + j / m.spec.group].to_f32() as f64;
+            let k = r * m.cols + col;
+            let err = (reconstructed[k] as f64 - w[k] as f64).abs();
+            if err > 0.0 {
+                worst = worst.max(err / step);
+            }
+        }
+    }
+    worst
 }
 
 #[cfg(test)]

@@ -155,7 +155,11 @@ pub fn gptq(
     let perm = opts
         .act_order
         .then(|| perm.iter().map(|&p| p as u32).collect());
-    Ok(PackedLinear { matrix, perm })
+    Ok(PackedLinear {
+        matrix,
+        perm,
+        low_rank: None,
+    })
 }
 
 /// GPTQ as a [`Method`]: each layer against the Hessian of its input site.

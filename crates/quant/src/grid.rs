@@ -98,6 +98,21 @@ pub struct Quantized {
 }
 
 impl Quantized {
+    /// The values on the grid, `[rows, cols]`, without packing.
+    pub fn dequantize(&self, spec: &GridSpec, cols: usize) -> Vec<f32> {
+        let gpr = cols.div_ceil(spec.group);
+        let mut out = vec![0f32; self.codes.len()];
+        out.par_chunks_mut(cols.max(1))
+            .zip(self.codes.par_chunks(cols.max(1)))
+            .zip(self.params.par_chunks(gpr.max(1)))
+            .for_each(|((out, codes), params)| {
+                for (j, (o, &c)) in out.iter_mut().zip(codes).enumerate() {
+                    *o = params[j / spec.group].dequantize(c);
+                }
+            });
+        out
+    }
+
     /// Packs into the stored layout.
     pub fn pack(self, spec: GridSpec, rows: usize, cols: usize) -> PackedMatrix {
         let rb = spec.row_bytes(cols);

@@ -7,6 +7,7 @@ pub mod calib;
 pub mod error;
 pub mod gptq;
 pub mod grid;
+pub mod lowrank;
 pub mod method;
 pub mod pipeline;
 pub mod rtn;

@@ -3,7 +3,8 @@
 
 use crate::calib::BlockStats;
 use anyhow::{Context, Result};
-use recoup_formats::packed::{GridSpec, PackedLinear};
+use recoup_formats::packed::{GridSpec, LowRank, PackedLinear};
+use recoup_kernels::matmul::matmul;
 use recoup_model::llama::Site;
 
 /// The seven linear layers of a decoder block.
@@ -104,9 +105,21 @@ impl QuantizedLinear {
         }
     }
 
+    /// The weight the layer stores, in the basis it was quantized in: the packed part plus
+    /// the low-rank branch.
+    pub fn reconstructed(&self) -> Vec<f32> {
+        let mut w = self.packed.dequantize();
+        if let Some(l) = &self.packed.low_rank {
+            let m = &self.packed.matrix;
+            let sigma = low_rank_product(l, m.rows, m.cols);
+            w.iter_mut().zip(&sigma).for_each(|(a, b)| *a += b);
+        }
+        w
+    }
+
     /// The weight this layer effectively applies, in the block's original basis.
     pub fn effective_weight(&self) -> Vec<f32> {
-        let mut w = self.packed.dequantize();
+        let mut w = self.reconstructed();
         let cols = self.packed.matrix.cols;
         for (i, row) in w.chunks_exact_mut(cols).enumerate() {
             if let Some(s) = &self.input_scale {
@@ -118,6 +131,13 @@ impl QuantizedLinear {
         }
         w
     }
+}
+
+/// `A·B` of a low-rank branch, `[rows, cols]` in f32.
+pub fn low_rank_product(l: &LowRank, rows: usize, cols: usize) -> Vec<f32> {
+    let mut out = vec![0f32; rows * cols];
+    matmul(&l.a_f32(), &l.b_f32(), &mut out, rows, l.rank, cols);
+    out
 }
 
 /// A quantization method, applied one decoder block at a time.

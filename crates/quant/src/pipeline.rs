@@ -9,7 +9,7 @@
 //! appears atomically.
 
 use crate::calib::{BlockStats, CalibrationSet};
-use crate::error::sampled_output_error;
+use crate::error::{max_error_steps, sampled_output_error};
 use crate::method::{BlockWeights, DenseLinear, LinearName, Method, QuantizedLinear};
 use anyhow::{Context, Result, anyhow, bail};
 use recoup_formats::hf::HfDir;
@@ -420,6 +420,12 @@ pub fn quantize(job: &Job, on_event: &mut dyn FnMut(Event)) -> Result<Summary> {
                     bits_per_weight: 8.0 * q.packed.storage_bytes() as f64
                         / (m.rows * m.cols) as f64,
                     rel_error,
+                    rank: q.packed.low_rank.as_ref().map(|l| l.rank),
+                    max_error_steps: Some(max_error_steps(
+                        &weights.linear(*name).w,
+                        &q.reconstructed(),
+                        &q.packed,
+                    )),
                 },
             );
         }

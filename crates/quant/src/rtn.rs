@@ -46,7 +46,7 @@ impl Method for Rtn {
             });
             let matrix = quantize_rtn(&l.w, l.rows, l.cols, spec, self.clip, diag.as_deref())
                 .pack(*spec, l.rows, l.cols);
-            Ok(QuantizedLinear::plain(PackedLinear { matrix, perm: None }))
+            Ok(QuantizedLinear::plain(PackedLinear::plain(matrix)))
         })
     }
 }
