@@ -73,7 +73,7 @@ pub struct Args {
     steps: Option<usize>,
     /// fbquant, subbranch-trained: Adam step size, relative to each factor's initial RMS
     /// [default: 0.01].
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     lr: Option<f32>,
     /// Output directory (a recoup checkpoint, written atomically).
     #[arg(long)]
