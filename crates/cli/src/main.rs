@@ -38,7 +38,7 @@ enum Command {
     Run(run::Args),
     /// Prompt-processing and generation speed, weight traffic and bandwidth reached.
     Bench(bench::Args),
-    /// Quantize a model block by block (RTN, GPTQ, AWQ), resumable, into a recoup checkpoint.
+    /// Quantize a model block by block (RTN, GPTQ, AWQ, LoRC, LQER, FBQuant), resumable, into a recoup checkpoint.
     Quantize(quantize::Args),
     /// Per-layer method, bits, bits per weight and layer-output error of a checkpoint.
     Inspect(inspect::Args),

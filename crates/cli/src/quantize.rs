@@ -1,4 +1,5 @@
 use anyhow::{Context, Result, bail};
+use recoup_formats::packed::FactorDtype;
 use recoup_quant::awq::Awq;
 use recoup_quant::calib::{CalibText, sample_windows};
 use recoup_quant::gptq::{Gptq, GptqOptions};
@@ -75,6 +76,10 @@ pub struct Args {
     /// [default: 0.01].
     #[arg(long, allow_negative_numbers = true)]
     lr: Option<f32>,
+    /// Low-rank methods: storage of A and B — f16, or int8 with one f16 scale per row (half
+    /// the branch's bytes) [default: f16].
+    #[arg(long, value_enum)]
+    factors: Option<FactorArg>,
     /// Output directory (a recoup checkpoint, written atomically).
     #[arg(long)]
     out: PathBuf,
@@ -111,6 +116,12 @@ enum BaseArg {
     Rtn,
     Gptq,
     Awq,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum FactorArg {
+    F16,
+    Int8,
 }
 
 #[derive(Clone, Copy, clap::ValueEnum)]
@@ -152,10 +163,14 @@ fn method(args: &Args, grid: GridChoice) -> Result<Box<dyn Method>> {
         bail!("--clip applies to --method rtn only (AWQ always searches its clipping)");
     }
     if branch.is_none()
-        && (args.rank.is_some() || args.base.is_some() || args.steps.is_some() || args.lr.is_some())
+        && (args.rank.is_some()
+            || args.base.is_some()
+            || args.steps.is_some()
+            || args.lr.is_some()
+            || args.factors.is_some())
     {
         bail!(
-            "--rank, --base, --steps and --lr apply to the low-rank methods \
+            "--rank, --base, --steps, --lr and --factors apply to the low-rank methods \
              (lorc, lqer, fbquant, subbranch-trained)"
         );
     }
@@ -186,8 +201,12 @@ fn method(args: &Args, grid: GridChoice) -> Result<Box<dyn Method>> {
             BaseArg::Awq => Base::Awq(awq),
         };
         let rank = args.rank.unwrap_or(32);
+        let factors = match args.factors.unwrap_or(FactorArg::F16) {
+            FactorArg::F16 => FactorDtype::F16,
+            FactorArg::Int8 => FactorDtype::Int8,
+        };
         return Ok(Box::new(LowRankMethod::new(
-            branch, grid, rank, training, base,
+            branch, grid, rank, training, base, factors,
         )?));
     }
     Ok(match args.method {

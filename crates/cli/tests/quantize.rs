@@ -138,6 +138,34 @@ fn fbquant_checkpoint_keeps_its_bound_loads_and_measures() {
     assert!(o.status.success(), "{}", stderr(&o));
     let rtn_ppl = ppl(rtn.to_str().unwrap());
     assert!(fb < rtn_ppl, "3-bit FBQuant {fb} against RTN {rtn_ppl}");
+
+    // int8 factors with per-row scales: stored, counted, loaded and applied.
+    let lorc = dir.path().join("lorc");
+    let o = quantize(
+        &[
+            &flags[2..],
+            &["--method", "lorc", "--rank", "8", "--factors", "int8"],
+        ]
+        .concat(),
+        &lorc,
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    let o = recoup(&["inspect", lorc.to_str().unwrap(), "--json"]);
+    let meta: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(meta["settings"]["factor_dtype"], "int8");
+    for (name, l) in meta["layers"].as_object().unwrap() {
+        let (rows, cols) = (l["rows"].as_f64().unwrap(), l["cols"].as_f64().unwrap());
+        // int8 codes of A and B plus one f16 scale per row of each.
+        let branch = 8.0 * 8.0 * (rows + cols) + 16.0 * (rows + 8.0);
+        let expect = 3.0 + 24.0 / 64.0 + branch / (rows * cols);
+        let bpw = l["bits_per_weight"].as_f64().unwrap();
+        assert!((bpw - expect).abs() < 1e-9, "{name}: {bpw} vs {expect}");
+    }
+    let lorc_ppl = ppl(lorc.to_str().unwrap());
+    assert!(
+        lorc_ppl < rtn_ppl,
+        "3-bit LoRC (int8 factors) {lorc_ppl} against RTN {rtn_ppl}"
+    );
 }
 
 #[test]
@@ -249,6 +277,10 @@ fn bad_flags_are_clear_errors() {
         ),
         (
             vec!["--method", "gptq", "--rank", "16"],
+            "apply to the low-rank methods",
+        ),
+        (
+            vec!["--method", "awq", "--factors", "int8"],
             "apply to the low-rank methods",
         ),
         (

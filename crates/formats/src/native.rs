@@ -1,12 +1,13 @@
 //! recoup's native checkpoint: a Hugging Face model directory whose `model.safetensors` holds
 //! each quantized linear `P` packed (`P.qweight` u8 `[rows, packed bytes]`, `P.scales` f16
 //! `[rows, groups]`, `P.zeros` u8 `[rows, groups]` unless symmetric, `P.perm` i32 `[cols]`
-//! after act-order, `P.lowrank_a` f16 `[rows, rank]` and `P.lowrank_b` f16 `[rank, cols]`
-//! with a low-rank branch) beside the tensors kept dense as the source stored them, and whose
+//! after act-order, `P.lowrank_a` `[rows, rank]` and `P.lowrank_b` `[rank, cols]` with a
+//! low-rank branch: f16, or i8 with per-row f16 scales in `P.lowrank_a_scales` `[rows]` and
+//! `P.lowrank_b_scales` `[rank]`) beside the tensors kept dense as the source stored them, and whose
 //! `__metadata__["recoup"]` records how it was made ([`CheckpointMeta`]).
 
 use crate::hf::HfDir;
-use crate::packed::{GridSpec, LowRank, PackedLinear, PackedMatrix, check_permutation};
+use crate::packed::{Factor, GridSpec, LowRank, PackedLinear, PackedMatrix, check_permutation};
 use anyhow::{Context, Result, anyhow, bail};
 use half::f16;
 use safetensors::Dtype;
@@ -223,14 +224,12 @@ pub fn packed_tensors(prefix: &str, p: &PackedLinear) -> Vec<(String, StoredTens
         ));
     }
     if let Some(lr) = &p.low_rank {
-        out.push((
-            format!("{prefix}.lowrank_a"),
-            StoredTensor::owned(Dtype::F16, vec![m.rows, lr.rank], f16_bytes(&lr.a)),
-        ));
-        out.push((
-            format!("{prefix}.lowrank_b"),
-            StoredTensor::owned(Dtype::F16, vec![lr.rank, m.cols], f16_bytes(&lr.b)),
-        ));
+        for (name, factor, shape) in [
+            ("lowrank_a", &lr.a, [m.rows, lr.rank]),
+            ("lowrank_b", &lr.b, [lr.rank, m.cols]),
+        ] {
+            out.extend(factor_tensors(&format!("{prefix}.{name}"), factor, shape));
+        }
     }
     if let Some(perm) = &p.perm {
         out.push((
@@ -245,6 +244,34 @@ pub fn packed_tensors(prefix: &str, p: &PackedLinear) -> Vec<(String, StoredTens
         ));
     }
     out
+}
+
+/// A low-rank factor: `NAME` f16, or `NAME` i8 with its per-row scales in `NAME_scales` f16.
+fn factor_tensors(
+    name: &str,
+    factor: &Factor,
+    shape: [usize; 2],
+) -> Vec<(String, StoredTensor<'static>)> {
+    match factor {
+        Factor::F16(v) => vec![(
+            name.to_string(),
+            StoredTensor::owned(Dtype::F16, shape.to_vec(), f16_bytes(v)),
+        )],
+        Factor::Int8 { codes, scales } => vec![
+            (
+                name.to_string(),
+                StoredTensor::owned(
+                    Dtype::I8,
+                    shape.to_vec(),
+                    codes.iter().map(|&c| c as u8).collect(),
+                ),
+            ),
+            (
+                format!("{name}_scales"),
+                StoredTensor::owned(Dtype::F16, vec![shape[0]], f16_bytes(scales)),
+            ),
+        ],
+    }
 }
 
 fn f16_bytes(v: &[f16]) -> Vec<u8> {
@@ -311,11 +338,25 @@ pub fn read_packed(dir: &HfDir, prefix: &str) -> Result<Option<PackedLinear>> {
     } else {
         None
     };
+    let factor = |suffix: &str, shape: [usize; 2]| -> Result<Factor> {
+        let dtype = dir.raw(&format!("{prefix}.{suffix}")).map(|(d, _, _)| d);
+        Ok(if dtype == Some(Dtype::I8) {
+            Factor::Int8 {
+                codes: part(suffix, Dtype::I8, &shape)?
+                    .iter()
+                    .map(|&b| b as i8)
+                    .collect(),
+                scales: f16_values(part(&format!("{suffix}_scales"), Dtype::F16, &shape[..1])?),
+            }
+        } else {
+            Factor::F16(f16_values(part(suffix, Dtype::F16, &shape)?))
+        })
+    };
     let low_rank = match rec.rank {
         Some(rank) => Some(LowRank {
             rank,
-            a: f16_values(part("lowrank_a", Dtype::F16, &[rows, rank])?),
-            b: f16_values(part("lowrank_b", Dtype::F16, &[rank, cols])?),
+            a: factor("lowrank_a", [rows, rank])?,
+            b: factor("lowrank_b", [rank, cols])?,
         }),
         None => None,
     };

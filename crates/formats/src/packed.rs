@@ -288,35 +288,120 @@ impl PackedMatrix {
     }
 }
 
+/// How a low-rank factor is stored.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FactorDtype {
+    F16,
+    /// int8 codes with one f16 scale per row, symmetric (`scale = max |row| / 127`): half
+    /// the bytes of f16 for ranks and widths where the branch's share of the bits matters.
+    Int8,
+}
+
+impl FactorDtype {
+    pub fn name(self) -> &'static str {
+        match self {
+            FactorDtype::F16 => "f16",
+            FactorDtype::Int8 => "int8",
+        }
+    }
+}
+
+/// One factor of a low-rank branch, row-major, in its storage precision.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Factor {
+    F16(Vec<f16>),
+    Int8 { codes: Vec<i8>, scales: Vec<f16> },
+}
+
+impl Factor {
+    /// Rounds `values` (`cols` per row) to `dtype`.
+    pub fn quantize(values: &[f32], cols: usize, dtype: FactorDtype) -> Self {
+        match dtype {
+            FactorDtype::F16 => Factor::F16(values.iter().map(|&v| f16::from_f32(v)).collect()),
+            FactorDtype::Int8 => {
+                let mut codes = Vec::with_capacity(values.len());
+                let scales = values
+                    .chunks_exact(cols)
+                    .map(|row| {
+                        let max = row.iter().fold(0f32, |m, v| m.max(v.abs()));
+                        // Codes are computed against the scale as stored, so that dequantizing
+                        // reproduces them exactly.
+                        let scale = f16::from_f32(max / 127.0);
+                        let inv = if scale.to_f32() > 0.0 {
+                            1.0 / scale.to_f32()
+                        } else {
+                            0.0
+                        };
+                        codes.extend(
+                            row.iter()
+                                .map(|v| (v * inv).round().clamp(-127.0, 127.0) as i8),
+                        );
+                        scale
+                    })
+                    .collect();
+                Factor::Int8 { codes, scales }
+            }
+        }
+    }
+
+    pub fn dtype(&self) -> FactorDtype {
+        match self {
+            Factor::F16(_) => FactorDtype::F16,
+            Factor::Int8 { .. } => FactorDtype::Int8,
+        }
+    }
+
+    pub fn to_f32(&self) -> Vec<f32> {
+        match self {
+            Factor::F16(v) => v.iter().map(|v| v.to_f32()).collect(),
+            Factor::Int8 { codes, scales } => {
+                let cols = codes.len() / scales.len().max(1);
+                codes
+                    .chunks_exact(cols.max(1))
+                    .zip(scales)
+                    .flat_map(|(row, s)| row.iter().map(move |&c| c as f32 * s.to_f32()))
+                    .collect()
+            }
+        }
+    }
+
+    pub fn storage_bytes(&self) -> usize {
+        match self {
+            Factor::F16(v) => 2 * v.len(),
+            Factor::Int8 { codes, scales } => codes.len() + 2 * scales.len(),
+        }
+    }
+}
+
 /// A low-rank branch `Σ = A·B` beside a packed matrix, in the original column order:
-/// `a` `[rows, rank]` (the up-projection) and `b` `[rank, cols]` (the down-projection), f16.
+/// `a` `[rows, rank]` (the up-projection) and `b` `[rank, cols]` (the down-projection).
 #[derive(Clone, Debug, PartialEq)]
 pub struct LowRank {
     pub rank: usize,
-    pub a: Vec<f16>,
-    pub b: Vec<f16>,
+    pub a: Factor,
+    pub b: Factor,
 }
 
 impl LowRank {
     /// Rounds f32 factors to their storage precision.
-    pub fn from_f32(rank: usize, a: &[f32], b: &[f32]) -> Self {
+    pub fn from_f32(rank: usize, a: &[f32], b: &[f32], dtype: FactorDtype) -> Self {
         Self {
             rank,
-            a: a.iter().map(|&v| f16::from_f32(v)).collect(),
-            b: b.iter().map(|&v| f16::from_f32(v)).collect(),
+            a: Factor::quantize(a, rank, dtype),
+            b: Factor::quantize(b, b.len() / rank, dtype),
         }
     }
 
     pub fn a_f32(&self) -> Vec<f32> {
-        self.a.iter().map(|v| v.to_f32()).collect()
+        self.a.to_f32()
     }
 
     pub fn b_f32(&self) -> Vec<f32> {
-        self.b.iter().map(|v| v.to_f32()).collect()
+        self.b.to_f32()
     }
 
     pub fn storage_bytes(&self) -> usize {
-        2 * (self.a.len() + self.b.len())
+        self.a.storage_bytes() + self.b.storage_bytes()
     }
 }
 
@@ -462,5 +547,35 @@ mod tests {
         assert!(GridSpec::new(4, 48, false).is_err());
         assert!(check_permutation(&[0, 2, 2], 3, "p").is_err());
         assert!(check_permutation(&[2, 0, 1], 3, "p").is_ok());
+    }
+    #[test]
+    fn int8_factors_round_within_half_a_step_per_row() {
+        let (rows, cols) = (7, 40);
+        // Values in (−1, 1) times the row number, so each row has its own scale.
+        let v: Vec<f32> = codes(5, rows * cols, 8)
+            .iter()
+            .enumerate()
+            .map(|(i, &c)| (c as f32 / 127.5 - 1.0) * (1 + i / cols) as f32)
+            .collect();
+        let f = Factor::quantize(&v, cols, FactorDtype::Int8);
+        let Factor::Int8 { codes, scales } = &f else {
+            panic!("not int8")
+        };
+        assert_eq!((codes.len(), scales.len()), (rows * cols, rows));
+        assert_eq!(f.storage_bytes(), rows * cols + 2 * rows);
+        let back = f.to_f32();
+        for (r, (row, got)) in v.chunks(cols).zip(back.chunks(cols)).enumerate() {
+            let s = scales[r].to_f32();
+            let max = row.iter().fold(0f32, |m, x| m.max(x.abs()));
+            assert!((s - max / 127.0).abs() <= 1e-3 * s, "row {r} scale {s}");
+            for (a, b) in row.iter().zip(got) {
+                assert!((a - b).abs() <= s / 2.0 + 1e-6 * s, "row {r}: {a} → {b}");
+            }
+        }
+        let zero = Factor::quantize(&[0.0; 8], 4, FactorDtype::Int8);
+        assert_eq!(zero.to_f32(), vec![0.0; 8]);
+        let h = Factor::quantize(&v, cols, FactorDtype::F16);
+        assert_eq!(h.storage_bytes(), 2 * rows * cols);
+        assert_eq!(h.dtype(), FactorDtype::F16);
     }
 }

@@ -109,11 +109,9 @@ impl LinearOp for PackedDequant {
         } else {
             ""
         };
-        let rank = self
-            .packed
-            .low_rank
-            .as_ref()
-            .map_or(String::new(), |l| format!(", rank {}", l.rank));
+        let rank = self.packed.low_rank.as_ref().map_or(String::new(), |l| {
+            format!(", rank {} {}", l.rank, l.a.dtype().name())
+        });
         format!("{}-bit g{} {sym}{order}{rank}", s.bits, s.group)
     }
 

@@ -11,7 +11,7 @@
 //!   piecewise constant, and the identity through the added Σ; a straight-through estimator
 //!   would cancel the two to zero. The loss jumps wherever an element of U crosses a rounding
 //!   boundary, so the best iterate is kept; U is finally quantized with the factors as stored
-//!   (f16), so the bound holds for the checkpoint, not only for the f32 factors.
+//!   (f16 or int8), so the bound holds for the checkpoint, not only for the f32 factors.
 //! - **subbranch-trained**: the same training of `W' = Q(W) + Σ`, with nothing bounding the
 //!   weights: the ablation that shows what the feedback buys away from the calibration text.
 //!
@@ -31,7 +31,7 @@ use crate::method::{
 use anyhow::{Result, anyhow, bail};
 use faer::Mat;
 use rand::{RngExt, SeedableRng};
-use recoup_formats::packed::{GridSpec, LowRank, PackedLinear};
+use recoup_formats::packed::{FactorDtype, GridSpec, LowRank, PackedLinear};
 use recoup_kernels::matmul::{matmul, matmul_tn, matmul_wt};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -100,6 +100,8 @@ pub struct LowRankMethod {
     pub rank: usize,
     pub training: Training,
     pub base: Base,
+    /// Storage precision of A and B.
+    pub factors: FactorDtype,
 }
 
 impl LowRankMethod {
@@ -110,6 +112,7 @@ impl LowRankMethod {
         rank: usize,
         training: Training,
         base: Base,
+        factors: FactorDtype,
     ) -> Result<Self> {
         if rank == 0 {
             bail!("--rank must be at least 1");
@@ -132,6 +135,7 @@ impl LowRankMethod {
             rank,
             training,
             base,
+            factors,
         })
     }
 
@@ -152,7 +156,7 @@ impl LowRankMethod {
                 sub(&round_to_nearest(&u, rows, cols, spec), &u)
             })?;
             // Quantize U with the factors exactly as stored.
-            let low_rank = LowRank::from_f32(rank, &a, &b);
+            let low_rank = LowRank::from_f32(rank, &a, &b, self.factors);
             let sigma = low_rank_product(&low_rank, rows, cols);
             let u = sub(&l.w, &sigma);
             let matrix =
@@ -181,7 +185,7 @@ impl LowRankMethod {
             _ => (a, b),
         };
         Ok(PackedLinear {
-            low_rank: Some(LowRank::from_f32(rank, &a, &b)),
+            low_rank: Some(LowRank::from_f32(rank, &a, &b, self.factors)),
             ..base
         })
     }
@@ -228,7 +232,7 @@ impl Method for LowRankMethod {
     fn settings(&self) -> serde_json::Value {
         let mut s = self.grid.settings();
         s["rank"] = self.rank.into();
-        s["factor_dtype"] = "f16".into();
+        s["factor_dtype"] = self.factors.name().into();
         s["base"] = self.base.name().into();
         if let Base::Gptq(o) = &self.base {
             s["damp"] = o.damp.into();
@@ -563,6 +567,10 @@ mod tests {
     }
 
     fn method(branch: Branch, bits: u32, steps: usize) -> LowRankMethod {
+        method_with(branch, bits, steps, FactorDtype::F16)
+    }
+
+    fn method_with(branch: Branch, bits: u32, steps: usize, factors: FactorDtype) -> LowRankMethod {
         let grid = GridChoice {
             bits,
             group: Some(32),
@@ -572,7 +580,7 @@ mod tests {
             steps,
             ..Training::default()
         };
-        LowRankMethod::new(branch, grid, 4, training, Base::Rtn).unwrap()
+        LowRankMethod::new(branch, grid, 4, training, Base::Rtn, factors).unwrap()
     }
 
     fn run(m: &LowRankMethod, l: &Layer) -> PackedLinear {
@@ -696,7 +704,7 @@ mod tests {
         let lqer = run(&m, &l).low_rank.unwrap();
         let spec = m.grid.spec(l.cols).unwrap();
         let (a, b) = fbquant_init(&l.w, &l.d, l.rows, l.cols, &spec, 4).unwrap();
-        assert_eq!(LowRank::from_f32(4, &a, &b), lqer);
+        assert_eq!(LowRank::from_f32(4, &a, &b, FactorDtype::F16), lqer);
         // With uniform activations LQER is LoRC.
         let e0 = sub(&l.w, &round_to_nearest(&l.w, l.rows, l.cols, &spec));
         let ones = vec![1f32; l.cols];
@@ -709,9 +717,16 @@ mod tests {
     fn fbquant_keeps_every_weight_within_half_a_step_under_extreme_activations() {
         for (seed, bits) in [(4, 2), (5, 3), (6, 4)] {
             let l = layer(seed, 24, 96, 1000.0);
-            let (fb_w, fb) = reconstructed(run(&method(Branch::Fbquant, bits, 30), &l));
-            let fb_steps = max_error_steps(&l.w, &fb_w, &fb);
-            assert!(fb_steps <= 0.5 + 1e-4, "{bits}-bit: {fb_steps} steps");
+            for factors in [FactorDtype::F16, FactorDtype::Int8] {
+                let m = method_with(Branch::Fbquant, bits, 30, factors);
+                let (fb_w, fb) = reconstructed(run(&m, &l));
+                assert_eq!(fb.low_rank.as_ref().unwrap().a.dtype(), factors);
+                let fb_steps = max_error_steps(&l.w, &fb_w, &fb);
+                assert!(
+                    fb_steps <= 0.5 + 1e-4,
+                    "{bits}-bit {factors:?}: {fb_steps} steps"
+                );
+            }
             // Without the feedback nothing bounds the reconstruction.
             let (sb_w, sb) = reconstructed(run(&method(Branch::SubbranchTrained, bits, 30), &l));
             let sb_steps = max_error_steps(&l.w, &sb_w, &sb);
