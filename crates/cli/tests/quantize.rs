@@ -169,6 +169,37 @@ fn fbquant_checkpoint_keeps_its_bound_loads_and_measures() {
 }
 
 #[test]
+fn low_rank_branches_on_gptq_and_awq_bases_load_and_measure() {
+    let dir = tempfile::tempdir().unwrap();
+    let grid = ["--bits", "3", "--group", "64", "--rank", "8"];
+    let rtn = dir.path().join("rtn");
+    let o = quantize(&["--method", "rtn", "--bits", "3", "--group", "64"], &rtn);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let rtn_ppl = ppl(rtn.to_str().unwrap());
+    for (name, flags) in [
+        (
+            "lqer-gptq",
+            vec!["--method", "lqer", "--base", "gptq", "--act-order"],
+        ),
+        (
+            "fbquant-awq",
+            vec!["--method", "fbquant", "--base", "awq", "--steps", "10"],
+        ),
+    ] {
+        let out = dir.path().join(name);
+        let o = quantize(&[&flags[..], &grid[..]].concat(), &out);
+        assert!(o.status.success(), "{name}: {}", stderr(&o));
+        let o = recoup(&["inspect", out.to_str().unwrap(), "--json"]);
+        let meta: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+        assert_eq!(meta["settings"]["base"], flags[3], "{name}");
+        // In AWQ's scaled basis, which is the one the quantizer saw, the bound still holds.
+        assert_eq!(meta["fbquant_bound_violations"], 0, "{name}");
+        let q = ppl(out.to_str().unwrap());
+        assert!(q < rtn_ppl, "3-bit {name} {q} against RTN {rtn_ppl}");
+    }
+}
+
+#[test]
 fn killed_quantization_resumes_to_an_identical_checkpoint() {
     let dir = tempfile::tempdir().unwrap();
     let whole = dir.path().join("whole");
