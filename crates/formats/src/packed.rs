@@ -548,6 +548,7 @@ mod tests {
         assert!(check_permutation(&[0, 2, 2], 3, "p").is_err());
         assert!(check_permutation(&[2, 0, 1], 3, "p").is_ok());
     }
+
     #[test]
     fn int8_factors_round_within_half_a_step_per_row() {
         let (rows, cols) = (7, 40);
