@@ -7,6 +7,8 @@ pub struct Args {
     /// Model: a GGUF file, a Hugging Face directory, or an asset name.
     #[arg(long)]
     model: String,
+    #[command(flatten)]
+    kernels: crate::KernelArgs,
     /// Prompt tokens processed in one batch (0 skips the test).
     #[arg(long, default_value_t = 512)]
     pp: usize,
@@ -25,7 +27,7 @@ pub fn main(args: Args) -> Result<()> {
     if args.pp == 0 && args.tg == 0 {
         bail!("--pp and --tg are both 0: nothing to measure");
     }
-    let loaded = crate::load_model(&args.model)?;
+    let loaded = crate::load_model(&args.model, &args.kernels)?;
     let model = &loaded.model;
     let stream_gbps = stream_read_gbps(1 << 30, 5);
     let pp = if args.pp > 0 {

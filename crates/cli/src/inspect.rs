@@ -44,11 +44,7 @@ pub fn main(args: Args) -> Result<()> {
         "{:<44} {:>7} {:>4} {:>5} {:>4} {:>11} {:>4} {:>7} {:>10} {:>8}",
         "layer", "method", "bits", "group", "sym", "shape", "rank", "bpw", "rel.error", "max|E|/s"
     );
-    let (mut bits, mut weights) = (0f64, 0f64);
     for (name, l) in &meta.layers {
-        let n = (l.rows * l.cols) as f64;
-        bits += l.bits_per_weight * n;
-        weights += n;
         let or_dash = |v: Option<String>| v.unwrap_or("-".into());
         println!(
             "{:<44} {:>7} {:>4} {:>5} {:>4} {:>11} {:>4} {:>7.3} {:>10} {:>8}",
@@ -64,11 +60,21 @@ pub fn main(args: Args) -> Result<()> {
             or_dash(l.max_error_steps.map(|e| format!("{e:.3}"))),
         );
     }
+    let (bits, weights) = meta.block_layers().fold((0f64, 0f64), |(b, w), (_, l)| {
+        let n = (l.rows * l.cols) as f64;
+        (b + l.bits_per_weight * n, w + n)
+    });
     println!(
-        "{} quantized layers, {:.3} bits per weight over them",
-        meta.layers.len(),
+        "{} quantized layers in the decoder blocks, {:.3} bits per weight over them",
+        meta.block_layers().count(),
         if weights > 0.0 { bits / weights } else { 0.0 }
     );
+    if let Some(head) = meta.layers.get("lm_head") {
+        println!(
+            "output head: {}-bit g{}, {:.3} bits per weight",
+            head.bits, head.group, head.bits_per_weight
+        );
+    }
     if meta.method == "fbquant" {
         println!("fbquant bound |W_F − W| ≤ s/2 violated in {violations} layers");
     }

@@ -11,6 +11,7 @@ mod run;
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};
+use recoup_model::linear::{KernelOptions, LowRankPath};
 
 #[derive(Parser)]
 #[command(
@@ -69,11 +70,49 @@ fn real_main(cli: Cli) -> Result<()> {
     }
 }
 
+/// How packed layers compute: shared by every command that runs a model.
+#[derive(clap::Args)]
+struct KernelArgs {
+    /// Compute packed layers by dequantizing each whole matrix to f32 for every product:
+    /// the slow reference path the fast kernels are checked against.
+    #[arg(long)]
+    reference_kernels: bool,
+    /// The low-rank branch's path: fused into the main product's pass, unfused (separate
+    /// down-projection, up-projection and addition, the baseline), or off.
+    #[arg(long, value_enum, default_value = "fused")]
+    lowrank_path: LowRankPathArg,
+    /// Switch the low-rank branch off (same as --lowrank-path off).
+    #[arg(long)]
+    no_lowrank: bool,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum LowRankPathArg {
+    Fused,
+    Unfused,
+    Off,
+}
+
+impl KernelArgs {
+    fn options(&self) -> KernelOptions {
+        let low_rank = match (self.no_lowrank, self.lowrank_path) {
+            (true, _) | (_, LowRankPathArg::Off) => LowRankPath::Off,
+            (_, LowRankPathArg::Fused) => LowRankPath::Fused,
+            (_, LowRankPathArg::Unfused) => LowRankPath::Unfused,
+        };
+        KernelOptions {
+            reference: self.reference_kernels,
+            low_rank,
+        }
+    }
+}
+
 /// Resolves `--model` (a path, or an asset name fetched on first use) and loads it.
-fn load_model(arg: &str) -> Result<recoup_model::Loaded> {
+fn load_model(arg: &str, kernels: &KernelArgs) -> Result<recoup_model::Loaded> {
     let path = recoup_assets::resolve(arg, recoup_assets::AssetKind::Model)?;
     let start = std::time::Instant::now();
-    let loaded = recoup_model::load(&path)?;
+    let mut loaded = recoup_model::load(&path)?;
+    loaded.model.set_kernel_options(kernels.options());
     let c = &loaded.model.config;
     eprintln!(
         "recoup: loaded {} ({} {:?}, {} layers, d={}, {} params as f32) in {:.1}s",

@@ -7,6 +7,8 @@ pub struct Args {
     /// Model: a GGUF file, a Hugging Face directory, or an asset name (e.g. smollm2-135m).
     #[arg(long)]
     model: String,
+    #[command(flatten)]
+    kernels: crate::KernelArgs,
     /// Text: a file, or an asset name (e.g. wiki-heldout, c4).
     #[arg(long)]
     text: String,
@@ -35,7 +37,7 @@ pub fn main(args: Args) -> Result<()> {
     let text = std::fs::read_to_string(&text_path)
         .with_context(|| format!("cannot read text {}", text_path.display()))?;
     let text_sha256 = recoup_assets::sha256_file(&text_path)?;
-    let loaded = crate::load_model(&args.model)?;
+    let loaded = crate::load_model(&args.model, &args.kernels)?;
     let tk = &loaded.tokenizer;
     let protocol = match args.protocol {
         ProtocolArg::Gptq => Protocol::Gptq,

@@ -10,6 +10,8 @@ pub struct Args {
     /// Model: a GGUF file, a Hugging Face directory, or an asset name.
     #[arg(long)]
     model: String,
+    #[command(flatten)]
+    kernels: crate::KernelArgs,
     /// The prompt.
     #[arg(long)]
     prompt: String,
@@ -43,7 +45,7 @@ pub fn main(args: Args) -> Result<()> {
             args.temperature
         );
     }
-    let loaded = crate::load_model(&args.model)?;
+    let loaded = crate::load_model(&args.model, &args.kernels)?;
     let (model, tk) = (&loaded.model, &loaded.tokenizer);
     let prompt = if args.chat {
         let Some(template) = &tk.chat_template else {

@@ -60,6 +60,14 @@ pub struct CheckpointMeta {
 }
 
 impl CheckpointMeta {
+    /// The decoder blocks' layers (not a quantized output head): what bits-per-weight
+    /// figures are averaged over.
+    pub fn block_layers(&self) -> impl Iterator<Item = (&String, &LayerRecord)> {
+        self.layers
+            .iter()
+            .filter(|(name, _)| name.starts_with("model.layers."))
+    }
+
     pub fn from_dir(dir: &HfDir) -> Result<Option<Self>> {
         let Some(text) = dir.metadata(METADATA_KEY) else {
             return Ok(None);

@@ -256,8 +256,13 @@ impl PackedMatrix {
 
     /// Scalar reference dequantization of one row into `out[..cols]`.
     pub fn dequantize_row(&self, row: usize, out: &mut [f32]) {
-        let mut codes = vec![0u8; self.cols];
-        self.row_codes(row, &mut codes);
+        self.dequantize_row_with(row, &mut vec![0u8; self.cols], out);
+    }
+
+    /// [`Self::dequantize_row`] with caller-owned scratch for the `cols` codes, for loops
+    /// over many rows.
+    pub fn dequantize_row_with(&self, row: usize, codes: &mut [u8], out: &mut [f32]) {
+        self.row_codes(row, codes);
         let gpr = self.groups_per_row();
         for (g, (c, o)) in codes
             .chunks(self.spec.group)

@@ -2,9 +2,11 @@
 //! and the tests compare the two on random inputs.
 
 pub mod attention;
+pub mod lowbit;
 pub mod matmul;
 pub mod membw;
 pub mod ops;
+pub mod pool;
 
 /// A raw pointer that rayon tasks may share when each writes a disjoint region.
 #[derive(Clone, Copy)]

@@ -48,6 +48,28 @@ impl<'a> Strided<'a> {
     }
 }
 
+/// How [`product`] treats its destination, and its name in errors.
+#[derive(Clone, Copy)]
+struct Op {
+    /// `dst −= lhs · rhs` instead of `dst = lhs · rhs`.
+    subtract: bool,
+    /// Large products may use the rayon pool; `false` keeps the caller's thread only.
+    may_split: bool,
+    what: &'static str,
+}
+
+impl Op {
+    const SET: Op = Op {
+        subtract: false,
+        may_split: true,
+        what: "",
+    };
+
+    const fn named(self, what: &'static str) -> Op {
+        Op { what, ..self }
+    }
+}
+
 /// `dst[m×n] = lhs[m×k] · rhs[k×n]`, or `dst −= lhs · rhs` with `subtract`; `dst` is
 /// row-major with row stride `ldd`. The one place recoup calls into `gemm`.
 fn product(
@@ -56,9 +78,13 @@ fn product(
     lhs: Strided,
     rhs: Strided,
     (m, k, n): (usize, usize, usize),
-    subtract: bool,
-    what: &str,
+    op: Op,
 ) {
+    let Op {
+        subtract,
+        may_split,
+        what,
+    } = op;
     if m == 0 || n == 0 {
         return;
     }
@@ -95,7 +121,11 @@ fn product(
             false,
             false,
             false,
-            parallelism(m * n * k),
+            if may_split {
+                parallelism(m * n * k)
+            } else {
+                Parallelism::None
+            },
         );
     }
 }
@@ -103,7 +133,23 @@ fn product(
 /// `y[n×m] = x[n×k] · w[m×k]ᵀ` (overwrites `y`).
 pub fn matmul_wt(x: &[f32], w: &[f32], y: &mut [f32], n: usize, k: usize, m: usize) {
     let (x, w) = (Strided::row_major(x, k), Strided::transposed(w, k));
-    product(y, m, x, w, (n, k, m), false, "matmul_wt");
+    product(y, m, x, w, (n, k, m), Op::SET.named("matmul_wt"));
+}
+
+/// [`matmul_wt`] on the calling thread only, for callers that split the work themselves.
+pub fn matmul_wt_serial(x: &[f32], w: &[f32], y: &mut [f32], n: usize, k: usize, m: usize) {
+    let (x, w) = (Strided::row_major(x, k), Strided::transposed(w, k));
+    product(
+        y,
+        m,
+        x,
+        w,
+        (n, k, m),
+        Op {
+            may_split: false,
+            ..Op::SET.named("matmul_wt_serial")
+        },
+    );
 }
 
 /// Scalar reference for [`matmul_wt`], accumulating in f64.
@@ -121,13 +167,13 @@ pub fn matmul_wt_reference(x: &[f32], w: &[f32], y: &mut [f32], n: usize, k: usi
 /// `c[m×n] = a[m×k] · b[k×n]` (overwrites `c`).
 pub fn matmul(a: &[f32], b: &[f32], c: &mut [f32], m: usize, k: usize, n: usize) {
     let (a, b) = (Strided::row_major(a, k), Strided::row_major(b, n));
-    product(c, n, a, b, (m, k, n), false, "matmul");
+    product(c, n, a, b, (m, k, n), Op::SET.named("matmul"));
 }
 
 /// `c[m×n] = a[k×m]ᵀ · b[k×n]` (overwrites `c`).
 pub fn matmul_tn(a: &[f32], b: &[f32], c: &mut [f32], k: usize, m: usize, n: usize) {
     let (a, b) = (Strided::transposed(a, m), Strided::row_major(b, n));
-    product(c, n, a, b, (m, k, n), false, "matmul_tn");
+    product(c, n, a, b, (m, k, n), Op::SET.named("matmul_tn"));
 }
 
 /// Scalar reference for [`matmul`] and [`matmul_tn`]: `c[m×n] = op(a) · b` with `op(a)`
@@ -177,8 +223,7 @@ pub fn gram_upper(x: &[f32], g: &mut [f32], n: usize, k: usize) {
                 lhs,
                 rhs,
                 (i1 - i0, n, j1 - j0),
-                false,
-                "gram",
+                Op::SET.named("gram"),
             );
         }
     }
@@ -215,7 +260,17 @@ pub fn matmul_sub(
         "matmul_sub: strides shorter than rows"
     );
     let (a, b) = (Strided::row_major(a, lda), Strided::row_major(b, ldb));
-    product(c, ldc, a, b, (r, k, n), true, "matmul_sub");
+    product(
+        c,
+        ldc,
+        a,
+        b,
+        (r, k, n),
+        Op {
+            subtract: true,
+            ..Op::SET.named("matmul_sub")
+        },
+    );
 }
 
 /// Scalar reference for [`matmul_sub`].

@@ -1,7 +1,8 @@
 //! The one abstraction every projection goes through. Quantized, low-rank and
 //! residual-compensated layers are further [`LinearOp`]s; the model never sees the difference.
 
-use recoup_formats::packed::PackedLinear;
+use recoup_formats::packed::{LowRank, PackedLinear};
+use recoup_kernels::lowbit::{self, Isa, LowRankEpilogue, QuantizedActivation};
 use recoup_kernels::matmul::matmul_wt;
 use std::sync::Arc;
 
@@ -15,6 +16,8 @@ pub trait LinearOp: Send + Sync {
     fn kind(&self) -> String;
     /// Bytes of weights read by one forward pass of a single row.
     fn weight_bytes(&self) -> usize;
+    /// Chooses among the layer's compute paths; layers with only one ignore it.
+    fn set_options(&mut self, _options: KernelOptions) {}
 }
 
 /// A dense f32 weight `[out, in]`, shareable (a tied output head shares the embedding).
@@ -61,23 +64,89 @@ impl LinearOp for DenseF32 {
     }
 }
 
-/// Packed low-bit weights, dequantized to f32 for every product: the reference compute path
-/// that the fast kernels replace. Only the packed form stays resident, with the low-rank
-/// branch's factors in f32 (`rank · (rows + cols)` values).
-pub struct PackedDequant {
-    packed: PackedLinear,
-    /// `A` `[rows, rank]` and `B` `[rank, cols]`.
-    low_rank: Option<(Vec<f32>, Vec<f32>)>,
+/// How a packed layer computes, chosen per run (`recoup bench`, `ppl`, `run` flags).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct KernelOptions {
+    /// Dequantize the whole matrix to f32 for every product: the reference path the fast
+    /// kernels are checked against.
+    pub reference: bool,
+    pub low_rank: LowRankPath,
 }
 
-impl PackedDequant {
+/// What a layer with a low-rank branch does with it at run time.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum LowRankPath {
+    /// `⟨A_r, B·x⟩` added to each output row in the main product's pass.
+    #[default]
+    Fused,
+    /// Down-projection, up-projection and addition as separate passes (the baseline the
+    /// fused path is measured against).
+    Unfused,
+    /// The branch switched off: the quantized matrix alone (for measuring what it costs).
+    Off,
+}
+
+/// Up to this many tokens, a product runs as matrix-vector kernels on the packed codes, one
+/// token at a time; beyond, tiles of the matrix are dequantized once and shared by all.
+const MATVEC_MAX_TOKENS: usize = 8;
+
+/// Packed low-bit weights computed in place: integer matrix-vector kernels for decode,
+/// tiled dequantization + f32 GEMM for prefill, the low-rank branch fused into the former.
+pub struct PackedOp {
+    packed: PackedLinear,
+    isa: Isa,
+    options: KernelOptions,
+}
+
+impl PackedOp {
     pub fn new(packed: PackedLinear) -> Self {
-        let low_rank = packed.low_rank.as_ref().map(|l| (l.a_f32(), l.b_f32()));
-        Self { packed, low_rank }
+        Self {
+            packed,
+            isa: Isa::best(),
+            options: KernelOptions::default(),
+        }
+    }
+
+    fn low_rank(&self) -> Option<&LowRank> {
+        match self.options.low_rank {
+            LowRankPath::Off => None,
+            _ => self.packed.low_rank.as_ref(),
+        }
+    }
+
+    /// `x` in the stored column order (GPTQ act-order permutes the columns).
+    fn stored_order<'a>(&self, x: &'a [f32], n: usize) -> std::borrow::Cow<'a, [f32]> {
+        let Some(perm) = &self.packed.perm else {
+            return x.into();
+        };
+        let cols = self.packed.matrix.cols;
+        x[..n * cols]
+            .chunks_exact(cols)
+            .flat_map(|row| perm.iter().map(move |&p| row[p as usize]))
+            .collect::<Vec<f32>>()
+            .into()
+    }
+
+    /// One token through the matrix-vector kernels.
+    fn matvec(&self, x: &[f32], x_stored: &[f32], act: &mut QuantizedActivation, y: &mut [f32]) {
+        let (m, isa) = (&self.packed.matrix, self.isa);
+        act.requantize(x_stored);
+        let Some(lr) = self.low_rank() else {
+            return lowbit::packed_matvec(m, act, y, None, isa);
+        };
+        let mut v = vec![0f32; lr.rank];
+        lowbit::factor_matvec((&lr.b).into(), x, &mut v, isa);
+        let a = (&lr.a).into();
+        if self.options.low_rank == LowRankPath::Unfused {
+            lowbit::packed_matvec(m, act, y, None, isa);
+            lowbit::factor_matvec_add(a, &v, y, isa);
+        } else {
+            lowbit::packed_matvec(m, act, y, Some(LowRankEpilogue { a, v: &v }), isa);
+        }
     }
 }
 
-impl LinearOp for PackedDequant {
+impl LinearOp for PackedOp {
     fn in_features(&self) -> usize {
         self.packed.matrix.cols
     }
@@ -88,15 +157,26 @@ impl LinearOp for PackedDequant {
 
     fn forward(&self, x: &[f32], n: usize, y: &mut [f32]) {
         let (cols, rows) = (self.in_features(), self.out_features());
-        let w = self.packed.dequantize();
-        matmul_wt(x, &w, y, n, cols, rows);
-        if let Some((a, b)) = &self.low_rank {
+        if self.options.reference {
+            matmul_wt(x, &self.packed.dequantize(), y, n, cols, rows);
+        } else if n <= MATVEC_MAX_TOKENS {
+            let x_stored = self.stored_order(x, n);
+            let mut act = QuantizedActivation::default();
+            for t in 0..n {
+                let span = t * cols..(t + 1) * cols;
+                let yt = &mut y[t * rows..(t + 1) * rows];
+                self.matvec(&x[span.clone()], &x_stored[span], &mut act, yt);
+            }
+            return;
+        } else {
+            lowbit::packed_matmul(&self.packed.matrix, &self.stored_order(x, n), n, y);
+        }
+        if let Some(lr) = self.low_rank() {
             // y += (x Bᵀ) Aᵀ: two thin products instead of forming A·B.
-            let rank = b.len() / cols;
-            let mut xb = vec![0f32; n * rank];
-            matmul_wt(x, b, &mut xb, n, cols, rank);
+            let mut xb = vec![0f32; n * lr.rank];
+            matmul_wt(x, &lr.b_f32(), &mut xb, n, cols, lr.rank);
             let mut branch = vec![0f32; n * rows];
-            matmul_wt(&xb, a, &mut branch, n, rank, rows);
+            matmul_wt(&xb, &lr.a_f32(), &mut branch, n, lr.rank, rows);
             y.iter_mut().zip(&branch).for_each(|(y, v)| *y += v);
         }
     }
@@ -116,7 +196,17 @@ impl LinearOp for PackedDequant {
     }
 
     fn weight_bytes(&self) -> usize {
-        self.packed.storage_bytes()
+        let branch = self
+            .packed
+            .low_rank
+            .as_ref()
+            .map_or(0, LowRank::storage_bytes);
+        let off = self.low_rank().is_none();
+        self.packed.storage_bytes() - if off { branch } else { 0 }
+    }
+
+    fn set_options(&mut self, options: KernelOptions) {
+        self.options = options;
     }
 }
 

@@ -3,7 +3,7 @@
 
 use crate::config::ModelConfig;
 use crate::kv_cache::KvCache;
-use crate::linear::{DenseF32, Linear, PackedDequant};
+use crate::linear::{DenseF32, KernelOptions, Linear, PackedOp};
 use anyhow::{Result, anyhow, bail};
 use recoup_formats::TensorSource;
 use recoup_kernels::attention::{AttentionShape, causal_attention};
@@ -72,7 +72,7 @@ impl Reader<'_> {
                         m.cols
                     );
                 }
-                Box::new(PackedDequant::new(p))
+                Box::new(PackedOp::new(p))
             }
             None => {
                 let w = self.get(&format!("{prefix}.weight"), &[out, inp])?;
@@ -200,7 +200,9 @@ impl Model {
             .map(|i| Block::load(c, source, i))
             .collect::<Result<Vec<_>>>()?;
         let norm = r.get("model.norm.weight", &[d])?;
-        let lm_head = if c.tie_embeddings {
+        // A quantized checkpoint may carry a packed head even when the embedding is tied.
+        let packed_head = source.contains("lm_head.qweight");
+        let lm_head = if c.tie_embeddings && !packed_head {
             Linear::new(
                 Box::new(DenseF32::new(embed.clone(), c.vocab_size, d)),
                 None,
@@ -285,6 +287,24 @@ impl Model {
             )
         });
         8.0 * bytes as f64 / weights.max(1) as f64
+    }
+
+    /// Chooses the compute path of every packed layer.
+    pub fn set_kernel_options(&mut self, options: KernelOptions) {
+        for b in &mut self.blocks {
+            for l in [
+                &mut b.q,
+                &mut b.k,
+                &mut b.v,
+                &mut b.o,
+                &mut b.gate,
+                &mut b.up,
+                &mut b.down,
+            ] {
+                l.op.set_options(options);
+            }
+        }
+        self.lm_head.op.set_options(options);
     }
 
     /// Bytes of weights one decoded token reads (every linear layer and the head).

@@ -10,6 +10,7 @@
 
 use crate::calib::{BlockStats, CalibrationSet};
 use crate::error::{max_error_steps, sampled_output_error};
+use crate::grid::{Clip, quantize_rtn};
 use crate::method::{BlockWeights, DenseLinear, LinearName, Method, QuantizedLinear};
 use anyhow::{Context, Result, anyhow, bail};
 use recoup_formats::hf::HfDir;
@@ -17,6 +18,7 @@ use recoup_formats::native::{
     CheckpointMeta, FORMAT_VERSION, LayerRecord, METADATA_KEY, StoredTensor, packed_tensors,
     write_safetensors,
 };
+use recoup_formats::packed::{GridSpec, PackedLinear};
 use recoup_formats::{DenseDtype, TensorSource, atomic};
 use recoup_kernels::ops::RopeTable;
 use recoup_model::ModelConfig;
@@ -45,6 +47,10 @@ pub struct Job<'a> {
     pub out: &'a Path,
     /// Continue an interrupted run with the same settings instead of starting over.
     pub resume: bool,
+    /// Round-to-nearest the output head (or, when tied, a copy of the embedding used as the
+    /// head) to this many bits, group 128: decode reads the head for every token, and in
+    /// f32 it outweighs a small model's quantized blocks. `None` keeps it as stored.
+    pub head_bits: Option<u32>,
 }
 
 /// Progress of a run, for the caller's progress bar.
@@ -450,6 +456,9 @@ pub fn quantize(job: &Job, on_event: &mut dyn FnMut(Event)) -> Result<Summary> {
     Ok(summary)
 }
 
+/// Input channels per scale of a quantized output head.
+const HEAD_GROUP: usize = 128;
+
 /// Writes the checkpoint from the finished blocks and the source's other tensors.
 fn assemble(job: &Job, work: &Path, mut meta: CheckpointMeta) -> Result<Summary> {
     let c = &job.opened.config;
@@ -464,8 +473,40 @@ fn assemble(job: &Job, work: &Path, mut meta: CheckpointMeta) -> Result<Summary>
     }
     let mut tensors: Vec<(String, StoredTensor)> = Vec::new();
     let mut outer = vec!["model.embed_tokens.weight", "model.norm.weight"];
-    if !c.tie_embeddings {
-        outer.push("lm_head.weight");
+    match job.head_bits {
+        Some(bits) => {
+            let name = if c.tie_embeddings {
+                "model.embed_tokens.weight"
+            } else {
+                "lm_head.weight"
+            };
+            let w = source.tensor(name)?.data;
+            let spec = GridSpec::new(bits, HEAD_GROUP, false)?;
+            let matrix = quantize_rtn(&w, c.vocab_size, c.hidden_size, &spec, Clip::None, None)
+                .pack(spec, c.vocab_size, c.hidden_size);
+            let head = PackedLinear::plain(matrix);
+            meta.layers.insert(
+                "lm_head".into(),
+                LayerRecord {
+                    method: "rtn".into(),
+                    bits,
+                    group: HEAD_GROUP,
+                    sym: false,
+                    rows: c.vocab_size,
+                    cols: c.hidden_size,
+                    act_order: false,
+                    bits_per_weight: 8.0 * head.storage_bytes() as f64
+                        / (c.vocab_size * c.hidden_size) as f64,
+                    rel_error: None,
+                    rank: None,
+                    max_error_steps: None,
+                },
+            );
+            tensors.extend(packed_tensors("lm_head", &head));
+            meta.settings["head_bits"] = bits.into();
+        }
+        None if !c.tie_embeddings => outer.push("lm_head.weight"),
+        None => {}
     }
     for name in outer {
         let t = source.tensor(name)?;
@@ -500,14 +541,14 @@ fn assemble(job: &Job, work: &Path, mut meta: CheckpointMeta) -> Result<Summary>
     })
     .with_context(|| format!("cannot write {}", job.out.display()))?;
     let (mut bits, mut weights, mut errs) = (0f64, 0f64, Vec::new());
-    for l in meta.layers.values() {
+    for (_, l) in meta.block_layers() {
         let n = (l.rows * l.cols) as f64;
         bits += l.bits_per_weight * n;
         weights += n;
         errs.extend(l.rel_error);
     }
     Ok(Summary {
-        quantized_layers: meta.layers.len(),
+        quantized_layers: meta.block_layers().count(),
         bits_per_weight: if weights > 0.0 { bits / weights } else { 0.0 },
         mean_rel_error: (!errs.is_empty()).then(|| errs.iter().sum::<f64>() / errs.len() as f64),
     })

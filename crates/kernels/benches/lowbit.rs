@@ -1,0 +1,146 @@
+//! Packed matrix-vector kernels: GB/s of weights read per instruction set and bit width,
+//! next to the machine's streaming-read bandwidth measured in the same run, and the time
+//! the low-rank branch adds with the fused and the unfused path.
+//!
+//! `cargo bench -p recoup-kernels --bench lowbit` (add `-- ROWS COLS` for another shape).
+
+use half::f16;
+use recoup_formats::packed::{Factor, FactorDtype, GridSpec, PackedMatrix};
+use recoup_kernels::lowbit::{
+    Isa, LowRankEpilogue, QuantizedActivation, factor_matvec, factor_matvec_add, packed_matvec,
+};
+use recoup_kernels::membw::stream_read_gbps;
+use std::time::Instant;
+
+/// A deterministic pseudo-random stream (xorshift).
+struct Stream(u64);
+impl Stream {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+    fn unit(&mut self) -> f32 {
+        (self.next() % 2001) as f32 / 1000.0 - 1.0
+    }
+}
+
+fn matrix(s: &mut Stream, bits: u32, group: usize, rows: usize, cols: usize) -> PackedMatrix {
+    let spec = GridSpec::new(bits, group, false).unwrap();
+    let codes: Vec<u8> = (0..rows * cols)
+        .map(|_| (s.next() % (1 << bits)) as u8)
+        .collect();
+    let rb = spec.row_bytes(cols);
+    let mut packed = vec![0u8; rows * rb];
+    for (c, p) in codes.chunks(cols).zip(packed.chunks_mut(rb)) {
+        spec.pack_row(c, p);
+    }
+    let groups = rows * cols.div_ceil(group);
+    let scales = (0..groups)
+        .map(|_| f16::from_f32(0.01 + 0.01 * s.unit()))
+        .collect();
+    let zeros = (0..groups)
+        .map(|_| (s.next() % (1 << bits)) as u8)
+        .collect();
+    PackedMatrix::new(spec, rows, cols, packed, scales, zeros, "bench").unwrap()
+}
+
+/// Median seconds of `f` over enough calls to take about a quarter of a second.
+fn time(mut f: impl FnMut()) -> f64 {
+    f();
+    let t = Instant::now();
+    f();
+    let once = t.elapsed().as_secs_f64().max(1e-7);
+    let reps = ((0.25 / once) as usize).clamp(5, 20_000);
+    let mut v: Vec<f64> = (0..reps)
+        .map(|_| {
+            let t = Instant::now();
+            f();
+            t.elapsed().as_secs_f64()
+        })
+        .collect();
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+fn main() {
+    let args: Vec<usize> = std::env::args()
+        .skip(1)
+        .filter_map(|a| a.parse().ok())
+        .collect();
+    let (rows, cols) = match args.as_slice() {
+        [r, c, ..] => (*r, *c),
+        _ => (4864, 896), // Qwen2.5-Coder-0.5B's gate/up projection
+    };
+    let stream = stream_read_gbps(1 << 30, 5);
+    println!(
+        "matrix [{rows}, {cols}], {} threads, streaming read {stream:.1} GB/s",
+        rayon::current_num_threads()
+    );
+    let mut s = Stream(0x9E37_79B9_7F4A_7C15);
+    let x: Vec<f32> = (0..cols).map(|_| s.unit()).collect();
+    let act = QuantizedActivation::quantize(&x);
+    let mut y = vec![0f32; rows];
+    println!(
+        "{:<10} {:>5} {:>6} {:>10} {:>8} {:>9}",
+        "isa", "bits", "group", "µs", "GB/s", "of stream"
+    );
+    for (bits, group) in [(2, 64), (3, 128), (4, 128), (4, 32), (8, 32)] {
+        let m = matrix(&mut s, bits, group, rows, cols);
+        for isa in Isa::available() {
+            let t = time(|| packed_matvec(&m, &act, &mut y, None, isa));
+            let gbps = m.storage_bytes() as f64 / t / 1e9;
+            println!(
+                "{:<10} {bits:>5} {group:>6} {:>10.1} {gbps:>8.1} {:>8.0}%",
+                isa.name(),
+                t * 1e6,
+                100.0 * gbps / stream
+            );
+        }
+    }
+    let isa = Isa::best();
+    let m = matrix(&mut s, 3, 128, rows, cols);
+    let plain = time(|| packed_matvec(&m, &act, &mut y, None, isa));
+    println!(
+        "\nlow-rank branch on 3-bit g128 ({}): time added to {:.1} µs",
+        isa.name(),
+        plain * 1e6
+    );
+    println!(
+        "{:<6} {:<5} {:>10} {:>10} {:>14}",
+        "rank", "dtype", "fused µs", "unfused µs", "fused/unfused"
+    );
+    for rank in [16, 32, 64] {
+        for dtype in [FactorDtype::F16, FactorDtype::Int8] {
+            let a: Vec<f32> = (0..rows * rank).map(|_| s.unit()).collect();
+            let b: Vec<f32> = (0..rank * cols).map(|_| s.unit()).collect();
+            let (a, b) = (
+                Factor::quantize(&a, rank, dtype),
+                Factor::quantize(&b, cols, dtype),
+            );
+            let mut v = vec![0f32; rank];
+            let fused = time(|| {
+                factor_matvec((&b).into(), &x, &mut v, isa);
+                let e = LowRankEpilogue {
+                    a: (&a).into(),
+                    v: &v,
+                };
+                packed_matvec(&m, &act, &mut y, Some(e), isa);
+            });
+            let unfused = time(|| {
+                factor_matvec((&b).into(), &x, &mut v, isa);
+                packed_matvec(&m, &act, &mut y, None, isa);
+                factor_matvec_add((&a).into(), &v, &mut y, isa);
+            });
+            let (f, u) = (fused - plain, unfused - plain);
+            println!(
+                "{rank:<6} {:<5} {:>10.1} {:>10.1} {:>13.0}%",
+                dtype.name(),
+                f * 1e6,
+                u * 1e6,
+                100.0 * f / u
+            );
+        }
+    }
+}

@@ -1,0 +1,333 @@
+//! Products with recoup's packed low-bit matrices (`recoup_formats::packed`).
+//!
+//! Batch-1 decode is bound by the bytes of weights read, so the matrix-vector product reads
+//! the packed codes directly and never materializes f32 weights. As in llama.cpp, the
+//! activation is quantized once per product to 8-bit blocks of 32 (one f32 scale each), and
+//! every block of 32 codes meets its activation block in one integer dot product; with
+//! `s` the group's scale, `z` its zero point and `d_b` the activation block's scale,
+//!
+//! ```text
+//! y_r = Σ_g s_g · ( Σ_{b∈g} d_b · Σ_i q_i·x̂_i  −  z_g · Σ_{b∈g} d_b · Σ_i x̂_i )
+//! ```
+//!
+//! where the second sum depends on the activation only and is computed once per product.
+//! A low-rank branch `A·B` is added in the same pass over the rows: `v = B·x` first (rank
+//! values), then each output row adds `⟨A_r, v⟩` as it is written (the fused path); the
+//! unfused path, kept as the measured baseline, runs the up-projection and the addition as
+//! passes of their own.
+//!
+//! Prefill (many tokens) dequantizes tiles of rows to f32 and multiplies each with `gemm`,
+//! so the whole matrix is never resident in f32.
+//!
+//! Every SIMD kernel has a scalar twin in [`reference`] computing the same formula; the
+//! tests compare them on random data, and compare both with the f32 product of the
+//! dequantized weights (the difference is bounded by the activation's rounding).
+
+pub mod reference;
+#[cfg(target_arch = "x86_64")]
+mod x86;
+
+use crate::SharedMut;
+use half::f16;
+use rayon::prelude::*;
+use recoup_formats::packed::{BLOCK, Factor, PackedMatrix};
+use std::sync::OnceLock;
+
+/// An instruction set a kernel is compiled for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Isa {
+    /// Plain Rust: the reference twin, and the path on machines without the others.
+    Scalar,
+    /// AVX2 + FMA + F16C, integer dot products with `vpmaddubsw`.
+    Avx2,
+    /// AVX2 with AVX-512 VNNI's 256-bit `vpdpbusd` (u8 × i8 → i32 in one instruction).
+    Avx2Vnni,
+}
+
+impl Isa {
+    pub fn name(self) -> &'static str {
+        match self {
+            Isa::Scalar => "scalar",
+            Isa::Avx2 => "avx2",
+            Isa::Avx2Vnni => "avx2-vnni",
+        }
+    }
+
+    /// Every instruction set this machine runs, the plain one first.
+    pub fn available() -> Vec<Isa> {
+        let mut isas = vec![Isa::Scalar];
+        #[cfg(target_arch = "x86_64")]
+        {
+            if x86::has_avx2() {
+                isas.push(Isa::Avx2);
+            }
+            if x86::has_avx2_vnni() {
+                isas.push(Isa::Avx2Vnni);
+            }
+        }
+        isas
+    }
+
+    /// The fastest available set, or the one `RECOUP_ISA` names (for comparisons).
+    pub fn best() -> Isa {
+        static BEST: OnceLock<Isa> = OnceLock::new();
+        *BEST.get_or_init(|| {
+            let available = Isa::available();
+            if let Ok(want) = std::env::var("RECOUP_ISA") {
+                match available.iter().find(|i| i.name() == want) {
+                    Some(&isa) => return isa,
+                    None => eprintln!(
+                        "recoup: RECOUP_ISA={want} is not available here ({}); using the best",
+                        available
+                            .iter()
+                            .map(|i| i.name())
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    ),
+                }
+            }
+            *available.last().unwrap()
+        })
+    }
+}
+
+/// An activation vector rounded to 8-bit blocks of [`BLOCK`] values: `x ≈ d_b · codes`.
+#[derive(Clone, Debug, Default)]
+pub struct QuantizedActivation {
+    pub codes: Vec<i8>,
+    /// `d_b`, one per block.
+    pub scales: Vec<f32>,
+    /// `d_b · Σ codes` per block: the activation's part of the zero-point term.
+    pub block_sums: Vec<f32>,
+}
+
+impl QuantizedActivation {
+    /// Rounds `x` (a multiple of [`BLOCK`] long) to nearest, symmetric per block.
+    pub fn quantize(x: &[f32]) -> Self {
+        let mut q = Self::default();
+        q.requantize(x);
+        q
+    }
+
+    /// [`Self::quantize`] into existing buffers.
+    pub fn requantize(&mut self, x: &[f32]) {
+        assert!(
+            x.len().is_multiple_of(BLOCK),
+            "activation length {}",
+            x.len()
+        );
+        let blocks = x.len() / BLOCK;
+        self.codes.resize(x.len(), 0);
+        self.scales.resize(blocks, 0.0);
+        self.block_sums.resize(blocks, 0.0);
+        for (b, (xb, cb)) in x
+            .chunks_exact(BLOCK)
+            .zip(self.codes.chunks_exact_mut(BLOCK))
+            .enumerate()
+        {
+            let max = xb.iter().fold(0f32, |m, v| m.max(v.abs()));
+            let d = max / 127.0;
+            let inv = if d > 0.0 { 1.0 / d } else { 0.0 };
+            let mut sum = 0i32;
+            for (c, &v) in cb.iter_mut().zip(xb) {
+                *c = (v * inv).round() as i8;
+                sum += i32::from(*c);
+            }
+            self.scales[b] = d;
+            self.block_sums[b] = d * sum as f32;
+        }
+    }
+
+    /// The activation's zero-point term per group of `group` channels.
+    pub fn group_sums(&self, group: usize) -> Vec<f32> {
+        self.block_sums
+            .chunks(group / BLOCK)
+            .map(|g| g.iter().sum())
+            .collect()
+    }
+}
+
+/// A low-rank factor as stored, borrowed: row-major f16, or int8 with an f16 scale per row.
+#[derive(Clone, Copy, Debug)]
+pub enum FactorRef<'a> {
+    F16(&'a [f16]),
+    Int8 { codes: &'a [i8], scales: &'a [f16] },
+}
+
+impl<'a> From<&'a Factor> for FactorRef<'a> {
+    fn from(f: &'a Factor) -> Self {
+        match f {
+            Factor::F16(v) => FactorRef::F16(v),
+            Factor::Int8 { codes, scales } => FactorRef::Int8 { codes, scales },
+        }
+    }
+}
+
+/// `⟨row r of f (len wide), v⟩`.
+pub fn factor_row_dot(f: FactorRef, r: usize, len: usize, v: &[f32], isa: Isa) -> f32 {
+    debug_assert_eq!(v.len(), len);
+    match isa {
+        Isa::Scalar => reference::factor_row_dot(f, r, len, v),
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: `Isa::available` lists these only where the CPU has AVX2, FMA and F16C.
+        Isa::Avx2 | Isa::Avx2Vnni => unsafe { x86::factor_row_dot(f, r, len, v) },
+        #[cfg(not(target_arch = "x86_64"))]
+        _ => reference::factor_row_dot(f, r, len, v),
+    }
+}
+
+/// `out = f · x` for a `[out.len(), x.len()]` factor (the branch's down-projection `B·x`).
+/// Rows go to the thread pool when the factor is large (a down-projection is as wide as
+/// the layer's input: 8960 columns in a 1.5B model's MLP).
+pub fn factor_matvec(f: FactorRef, x: &[f32], out: &mut [f32], isa: Isa) {
+    split_rows(out, x.len(), |r0, part| {
+        for (j, o) in part.iter_mut().enumerate() {
+            *o = factor_row_dot(f, r0 + j, x.len(), x, isa);
+        }
+    });
+}
+
+/// The low-rank up-projection added to each output row in the same pass: `y_r += ⟨A_r, v⟩`.
+#[derive(Clone, Copy)]
+pub struct LowRankEpilogue<'a> {
+    /// `A`, `[rows, rank]`.
+    pub a: FactorRef<'a>,
+    /// `v = B·x`, `rank` values.
+    pub v: &'a [f32],
+}
+
+impl LowRankEpilogue<'_> {
+    /// Panics unless `A` holds `rows` rows of `v.len()` values.
+    fn check(&self, rows: usize) {
+        let rank = self.v.len();
+        let ok = match self.a {
+            FactorRef::F16(a) => a.len() == rows * rank,
+            FactorRef::Int8 { codes, scales } => codes.len() == rows * rank && scales.len() == rows,
+        };
+        assert!(
+            ok,
+            "low-rank factor A does not hold {rows} rows of rank {rank}"
+        );
+    }
+}
+
+/// `y[i] = ⟨packed row r0 + i, x⟩` (+ the epilogue) for `i < y.len()`, on the calling thread.
+pub fn packed_rows(
+    m: &PackedMatrix,
+    act: &QuantizedActivation,
+    group_sums: &[f32],
+    r0: usize,
+    y: &mut [f32],
+    epilogue: Option<LowRankEpilogue>,
+    isa: Isa,
+) {
+    assert_eq!(
+        act.codes.len(),
+        m.cols,
+        "activation length vs matrix columns"
+    );
+    assert!(r0 + y.len() <= m.rows, "rows out of range");
+    assert_eq!(group_sums.len(), m.groups_per_row(), "group sums vs groups");
+    if let Some(e) = &epilogue {
+        e.check(m.rows);
+    }
+    match isa {
+        Isa::Scalar => reference::packed_rows(m, act, group_sums, r0, y, epilogue),
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: listed by `Isa::available` only where the CPU has the features; the
+        // asserts above and `PackedMatrix::new`'s checks bound every read.
+        Isa::Avx2 => unsafe { x86::packed_rows_avx2(m, act, group_sums, r0, y, epilogue) },
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: as above, with AVX-512 VNNI and VL present.
+        Isa::Avx2Vnni => unsafe { x86::packed_rows_vnni(m, act, group_sums, r0, y, epilogue) },
+        #[cfg(not(target_arch = "x86_64"))]
+        _ => reference::packed_rows(m, act, group_sums, r0, y, epilogue),
+    }
+}
+
+/// Below this many weights a product runs on the calling thread alone.
+const MIN_PARALLEL_WEIGHTS: usize = 1 << 15;
+
+/// Runs `f(first_row, rows_of_out)` on parts of `out` (one value per row of a `cols`-wide
+/// matrix), one part per thread of the spin pool, or whole on the calling thread when the
+/// matrix is small.
+fn split_rows(out: &mut [f32], cols: usize, f: impl Fn(usize, &mut [f32]) + Sync) {
+    let pool = crate::pool::global();
+    let rows = out.len();
+    if pool.threads() == 1 || rows * cols < MIN_PARALLEL_WEIGHTS {
+        return f(0, out);
+    }
+    let base = SharedMut(out.as_mut_ptr());
+    pool.run(&|part| {
+        // Parts start on multiples of 16 rows, so no two threads write one cache line.
+        let (a, b) = crate::pool::part_range(rows, pool.threads(), part, 16);
+        // SAFETY: parts are disjoint ranges of `out`, which outlives `run`.
+        let mine = unsafe { std::slice::from_raw_parts_mut(base.get().add(a), b - a) };
+        f(a, mine);
+    });
+}
+
+/// `y = m · x` with rows split across the spin pool, plus the fused epilogue.
+pub fn packed_matvec(
+    m: &PackedMatrix,
+    act: &QuantizedActivation,
+    y: &mut [f32],
+    epilogue: Option<LowRankEpilogue>,
+    isa: Isa,
+) {
+    assert_eq!(y.len(), m.rows, "output length vs matrix rows");
+    let sums = act.group_sums(m.spec.group);
+    split_rows(y, m.cols, |r0, part| {
+        packed_rows(m, act, &sums, r0, part, epilogue, isa)
+    });
+}
+
+/// `y += A · v` as a pass of its own: the unfused up-projection, rows split across the
+/// spin pool.
+pub fn factor_matvec_add(a: FactorRef, v: &[f32], y: &mut [f32], isa: Isa) {
+    split_rows(y, v.len(), |r0, part| {
+        for (j, out) in part.iter_mut().enumerate() {
+            *out += factor_row_dot(a, r0 + j, v.len(), v, isa);
+        }
+    });
+}
+
+/// Rows of f32 weights per tile of the prefill product: a tile of a wide matrix stays
+/// within L2 while `gemm` multiplies it with every token.
+const PREFILL_TILE_FLOATS: usize = 1 << 18;
+
+/// `y[n×rows] = x[n×cols] · mᵀ` for many tokens: tiles of rows dequantized to f32 and
+/// multiplied with `gemm`, tiles spread over the threads; the f32 matrix never exists whole.
+pub fn packed_matmul(m: &PackedMatrix, x: &[f32], n: usize, y: &mut [f32]) {
+    let (rows, cols) = (m.rows, m.cols);
+    assert!(
+        x.len() >= n * cols && y.len() >= n * rows,
+        "packed_matmul buffers"
+    );
+    let tile = (PREFILL_TILE_FLOATS / cols).clamp(16, rows.max(16));
+    let tiles: Vec<(usize, Vec<f32>)> = (0..rows)
+        .step_by(tile)
+        .collect::<Vec<_>>()
+        .into_par_iter()
+        .map(|r0| {
+            let r1 = (r0 + tile).min(rows);
+            let mut w = vec![0f32; (r1 - r0) * cols];
+            let mut codes = vec![0u8; cols];
+            for (r, wr) in (r0..r1).zip(w.chunks_exact_mut(cols)) {
+                m.dequantize_row_with(r, &mut codes, wr);
+            }
+            let mut out = vec![0f32; n * (r1 - r0)];
+            crate::matmul::matmul_wt_serial(x, &w, &mut out, n, cols, r1 - r0);
+            (r0, out)
+        })
+        .collect();
+    for (r0, out) in tiles {
+        let width = out.len() / n.max(1);
+        for (t, o) in out.chunks_exact(width).enumerate() {
+            y[t * rows + r0..t * rows + r0 + width].copy_from_slice(o);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,68 @@
+//! Scalar twins of the SIMD kernels: the same formulas, one value at a time, with the
+//! block layouts read through `recoup_formats::packed`'s own unpacking.
+
+use super::{FactorRef, LowRankEpilogue, QuantizedActivation};
+use recoup_formats::packed::{BLOCK, PackedMatrix};
+
+/// `⟨row r of f (len wide), v⟩`.
+pub fn factor_row_dot(f: FactorRef, r: usize, len: usize, v: &[f32]) -> f32 {
+    match f {
+        FactorRef::F16(a) => a[r * len..(r + 1) * len]
+            .iter()
+            .zip(v)
+            .map(|(a, v)| a.to_f32() * v)
+            .sum(),
+        FactorRef::Int8 { codes, scales } => {
+            let dot: f32 = codes[r * len..(r + 1) * len]
+                .iter()
+                .zip(v)
+                .map(|(&c, v)| f32::from(c) * v)
+                .sum();
+            scales[r].to_f32() * dot
+        }
+    }
+}
+
+/// The integer dot product of one block of codes with one block of the activation.
+fn block_dot(codes: &[u8], x: &[i8]) -> i32 {
+    codes
+        .iter()
+        .zip(x)
+        .map(|(&q, &x)| i32::from(q) * i32::from(x))
+        .sum()
+}
+
+/// Rows `r0..r0 + y.len()` of `m · x` (module formula), plus the epilogue.
+pub fn packed_rows(
+    m: &PackedMatrix,
+    act: &QuantizedActivation,
+    group_sums: &[f32],
+    r0: usize,
+    y: &mut [f32],
+    epilogue: Option<LowRankEpilogue>,
+) {
+    let gpr = m.groups_per_row();
+    let blocks_per_group = m.spec.group / BLOCK;
+    let mut codes = vec![0u8; m.cols];
+    for (i, out) in y.iter_mut().enumerate() {
+        let r = r0 + i;
+        m.row_codes(r, &mut codes);
+        let mut acc = 0f32;
+        let mut zero_term = 0f32;
+        for (g, &sum) in group_sums.iter().enumerate().take(gpr) {
+            let s = m.scales[r * gpr + g].to_f32();
+            zero_term += s * f32::from(m.zero(r, g)) * sum;
+            let b0 = g * blocks_per_group;
+            let b1 = (b0 + blocks_per_group).min(m.cols / BLOCK);
+            for b in b0..b1 {
+                let span = b * BLOCK..(b + 1) * BLOCK;
+                let dot = block_dot(&codes[span.clone()], &act.codes[span]);
+                acc += s * act.scales[b] * dot as f32;
+            }
+        }
+        *out = acc - zero_term;
+        if let Some(e) = &epilogue {
+            *out += factor_row_dot(e.a, r, e.v.len(), e.v);
+        }
+    }
+}

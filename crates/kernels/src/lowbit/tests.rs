@@ -1,0 +1,290 @@
+//! Every SIMD kernel against its scalar twin, and both against the f32 product of the
+//! dequantized weights, on random data (never zeros) for every bit width and group size.
+
+use super::*;
+use crate::matmul::matmul_wt;
+use half::f16;
+use rand::rngs::StdRng;
+use rand::{RngExt, SeedableRng};
+use recoup_formats::packed::{FactorDtype, GridSpec};
+
+fn random_matrix(rng: &mut StdRng, spec: GridSpec, rows: usize, cols: usize) -> PackedMatrix {
+    let codes: Vec<u8> = (0..rows * cols)
+        .map(|_| rng.random_range(0..=spec.max_code()))
+        .collect();
+    let mut packed = vec![0u8; rows * spec.row_bytes(cols)];
+    for (c, p) in codes
+        .chunks_exact(cols)
+        .zip(packed.chunks_exact_mut(spec.row_bytes(cols)))
+    {
+        spec.pack_row(c, p);
+    }
+    let groups = rows * cols.div_ceil(spec.group);
+    // Scales of both signs and varied magnitude, as real groups have.
+    let scales = (0..groups)
+        .map(|_| {
+            let s: f32 = rng.random_range(0.002..0.05);
+            f16::from_f32(if rng.random_bool(0.2) { -s } else { s })
+        })
+        .collect();
+    let zeros = if spec.sym {
+        vec![]
+    } else {
+        (0..groups)
+            .map(|_| rng.random_range(0..=spec.max_code()))
+            .collect()
+    };
+    PackedMatrix::new(spec, rows, cols, packed, scales, zeros, "test").unwrap()
+}
+
+/// Activations with a few outlier channels, as in real models.
+fn random_activation(rng: &mut StdRng, n: usize) -> Vec<f32> {
+    (0..n)
+        .map(|_| {
+            let v: f32 = rng.random_range(-1.0..1.0);
+            if rng.random_bool(0.01) { v * 40.0 } else { v }
+        })
+        .collect()
+}
+
+fn configs() -> Vec<(u32, usize, bool, usize, usize)> {
+    let mut c = vec![];
+    for bits in [2, 3, 4, 8] {
+        for (group, sym) in [(32, false), (64, true), (128, false), (128, true)] {
+            // 576 columns leave a 64-wide last group at g128 (SmolLM2's width).
+            for (rows, cols) in [(37, 576), (5, 1024), (3, 32)] {
+                c.push((bits, group, sym, rows, cols));
+            }
+        }
+        c.push((bits, 896, false, 9, 896)); // one group per row
+    }
+    c
+}
+
+/// `Σ_i |s_g|·(q_i + z_g)·|x̂_i|`: the size of the terms a row's sum adds up, for
+/// tolerances of float summation order.
+fn magnitude(m: &PackedMatrix, act: &QuantizedActivation, r: usize) -> f32 {
+    let mut codes = vec![0u8; m.cols];
+    m.row_codes(r, &mut codes);
+    (0..m.cols)
+        .map(|i| {
+            let g = i / m.spec.group;
+            let s = m.scales[r * m.groups_per_row() + g].to_f32().abs();
+            let x = act.scales[i / BLOCK] * f32::from(act.codes[i]);
+            s * (f32::from(codes[i]) + f32::from(m.zero(r, g))) * x.abs()
+        })
+        .sum()
+}
+
+#[test]
+fn activation_rounds_within_half_a_step_per_block() {
+    let mut rng = StdRng::seed_from_u64(1);
+    let x = random_activation(&mut rng, 1024);
+    let q = QuantizedActivation::quantize(&x);
+    for (b, xb) in x.chunks(BLOCK).enumerate() {
+        let d = q.scales[b];
+        let max = xb.iter().fold(0f32, |m, v| m.max(v.abs()));
+        assert!((d * 127.0 - max).abs() <= 1e-6 * max);
+        let mut sum = 0f32;
+        for (i, &v) in xb.iter().enumerate() {
+            let c = q.codes[b * BLOCK + i];
+            assert!(
+                (v - d * f32::from(c)).abs() <= d / 2.0 * (1.0 + 1e-5),
+                "{v} {c} {d}"
+            );
+            sum += f32::from(c);
+        }
+        assert!((q.block_sums[b] - d * sum).abs() <= 1e-6 * d * 127.0 * 32.0);
+    }
+    let zero = QuantizedActivation::quantize(&[0.0; 64]);
+    assert!(zero.codes.iter().all(|&c| c == 0) && zero.scales == [0.0, 0.0]);
+}
+
+#[test]
+fn simd_rows_match_the_scalar_twin_for_every_format() {
+    let mut rng = StdRng::seed_from_u64(2);
+    for (bits, group, sym, rows, cols) in configs() {
+        let spec = GridSpec::new(bits, group, sym).unwrap();
+        let m = random_matrix(&mut rng, spec, rows, cols);
+        let act = QuantizedActivation::quantize(&random_activation(&mut rng, cols));
+        let sums = act.group_sums(group);
+        let mut want = vec![0f32; rows];
+        packed_rows(&m, &act, &sums, 0, &mut want, None, Isa::Scalar);
+        for isa in Isa::available() {
+            let mut got = vec![f32::NAN; rows];
+            packed_rows(&m, &act, &sums, 0, &mut got, None, isa);
+            for r in 0..rows {
+                let tol = 1e-5 * magnitude(&m, &act, r);
+                assert!(
+                    (got[r] - want[r]).abs() <= tol,
+                    "{} {bits}-bit g{group} sym={sym} [{rows}x{cols}] row {r}: {} vs {}",
+                    isa.name(),
+                    got[r],
+                    want[r]
+                );
+            }
+            // A sub-range of rows gives the same values as the whole.
+            let mut part = vec![f32::NAN; rows.min(2)];
+            let r0 = rows - part.len();
+            packed_rows(&m, &act, &sums, r0, &mut part, None, isa);
+            assert_eq!(part, got[r0..]);
+        }
+    }
+}
+
+#[test]
+fn scalar_twin_is_the_f32_product_up_to_the_activation_rounding() {
+    let mut rng = StdRng::seed_from_u64(3);
+    for (bits, group, sym, rows, cols) in configs() {
+        let spec = GridSpec::new(bits, group, sym).unwrap();
+        let m = random_matrix(&mut rng, spec, rows, cols);
+        let x = random_activation(&mut rng, cols);
+        let act = QuantizedActivation::quantize(&x);
+        let mut y = vec![0f32; rows];
+        packed_rows(
+            &m,
+            &act,
+            &act.group_sums(group),
+            0,
+            &mut y,
+            None,
+            Isa::Scalar,
+        );
+        let w = m.dequantize();
+        for r in 0..rows {
+            let row = &w[r * cols..(r + 1) * cols];
+            let exact: f64 = row.iter().zip(&x).map(|(&w, &x)| w as f64 * x as f64).sum();
+            // |x_i − x̂_i| ≤ d_b/2, so the products differ by at most Σ |w_i|·d_b/2.
+            let bound: f32 = row
+                .iter()
+                .enumerate()
+                .map(|(i, w)| w.abs() * act.scales[i / BLOCK] / 2.0)
+                .sum();
+            let tol = bound * 1.001 + 1e-5 * magnitude(&m, &act, r);
+            assert!(
+                (y[r] as f64 - exact).abs() <= tol as f64,
+                "{bits}-bit g{group} row {r}: {} vs {exact} (bound {bound})",
+                y[r]
+            );
+        }
+    }
+}
+
+fn random_factor(rng: &mut StdRng, rows: usize, cols: usize, dtype: FactorDtype) -> Factor {
+    let v: Vec<f32> = (0..rows * cols)
+        .map(|_| rng.random_range(-0.3..0.3))
+        .collect();
+    Factor::quantize(&v, cols, dtype)
+}
+
+#[test]
+fn factor_dots_match_the_scalar_twin() {
+    let mut rng = StdRng::seed_from_u64(4);
+    for dtype in [FactorDtype::F16, FactorDtype::Int8] {
+        for len in [1, 7, 8, 31, 32, 33, 100, 576] {
+            let f = random_factor(&mut rng, 3, len, dtype);
+            let v = random_activation(&mut rng, len);
+            for r in 0..3 {
+                let want = reference::factor_row_dot((&f).into(), r, len, &v);
+                let mag: f32 = f.to_f32()[r * len..(r + 1) * len]
+                    .iter()
+                    .zip(&v)
+                    .map(|(a, b)| (a * b).abs())
+                    .sum();
+                for isa in Isa::available() {
+                    let got = factor_row_dot((&f).into(), r, len, &v, isa);
+                    assert!(
+                        (got - want).abs() <= 1e-5 * mag + 1e-30,
+                        "{} {} len {len}: {got} vs {want}",
+                        isa.name(),
+                        dtype.name()
+                    );
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn fused_epilogue_equals_the_unfused_passes() {
+    let mut rng = StdRng::seed_from_u64(5);
+    let (rows, cols, rank) = (300, 576, 32);
+    for dtype in [FactorDtype::F16, FactorDtype::Int8] {
+        let m = random_matrix(&mut rng, GridSpec::new(3, 128, false).unwrap(), rows, cols);
+        let a = random_factor(&mut rng, rows, rank, dtype);
+        let b = random_factor(&mut rng, rank, cols, dtype);
+        let x = random_activation(&mut rng, cols);
+        let act = QuantizedActivation::quantize(&x);
+        for isa in Isa::available() {
+            let mut v = vec![0f32; rank];
+            factor_matvec((&b).into(), &x, &mut v, isa);
+            let epilogue = LowRankEpilogue {
+                a: (&a).into(),
+                v: &v,
+            };
+            let mut fused = vec![0f32; rows];
+            packed_matvec(&m, &act, &mut fused, Some(epilogue), isa);
+            let mut unfused = vec![0f32; rows];
+            packed_matvec(&m, &act, &mut unfused, None, isa);
+            factor_matvec_add((&a).into(), &v, &mut unfused, isa);
+            // Up to the rounding of one addition per row.
+            for (f, u) in fused.iter().zip(&unfused) {
+                assert!((f - u).abs() <= 1e-6 * (f.abs() + u.abs()), "{f} vs {u}");
+            }
+            // And the branch is really there: (A·B)·x from f32 factors.
+            let (af, bf) = (a.to_f32(), b.to_f32());
+            let mut plain = vec![0f32; rows];
+            packed_matvec(&m, &act, &mut plain, None, isa);
+            for r in 0..rows {
+                let branch: f32 = (0..rank)
+                    .map(|k| {
+                        af[r * rank + k] * (0..cols).map(|j| bf[k * cols + j] * x[j]).sum::<f32>()
+                    })
+                    .sum();
+                let got = fused[r] - plain[r];
+                assert!(
+                    (got - branch).abs() <= 1e-3 * (1.0 + branch.abs()),
+                    "row {r}: {got} vs {branch}"
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn threaded_product_equals_the_row_kernel() {
+    let mut rng = StdRng::seed_from_u64(6);
+    let m = random_matrix(&mut rng, GridSpec::new(4, 128, false).unwrap(), 4864, 896);
+    let act = QuantizedActivation::quantize(&random_activation(&mut rng, 896));
+    for isa in Isa::available() {
+        let mut whole = vec![0f32; m.rows];
+        packed_rows(&m, &act, &act.group_sums(128), 0, &mut whole, None, isa);
+        let mut threaded = vec![0f32; m.rows];
+        packed_matvec(&m, &act, &mut threaded, None, isa);
+        assert_eq!(whole, threaded, "{}", isa.name());
+    }
+}
+
+#[test]
+fn prefill_tiles_equal_the_dequantized_product() {
+    let mut rng = StdRng::seed_from_u64(7);
+    for (bits, rows, cols, n) in [(3, 1000, 576, 9), (4, 40, 2048, 3), (2, 17, 64, 1)] {
+        let m = random_matrix(
+            &mut rng,
+            GridSpec::new(bits, 64, false).unwrap(),
+            rows,
+            cols,
+        );
+        let x = random_activation(&mut rng, n * cols);
+        let mut tiled = vec![f32::NAN; n * rows];
+        packed_matmul(&m, &x, n, &mut tiled);
+        let mut whole = vec![0f32; n * rows];
+        matmul_wt(&x, &m.dequantize(), &mut whole, n, cols, rows);
+        for (a, b) in tiled.iter().zip(&whole) {
+            assert!(
+                (a - b).abs() <= 1e-4 * (1.0 + b.abs()),
+                "{bits}-bit: {a} vs {b}"
+            );
+        }
+    }
+}

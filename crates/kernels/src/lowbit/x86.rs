@@ -1,0 +1,279 @@
+//! x86-64 kernels: AVX2 + FMA + F16C, and the same loops with AVX-512 VNNI's 256-bit
+//! `vpdpbusd` for the integer dot product where the CPU has it.
+//!
+//! Each block of 32 codes is unpacked into one 256-bit register of bytes (one shift and
+//! mask per bit plane, see `recoup_formats::packed`), meets its 32 activation bytes in one
+//! integer dot product (8 lanes of i32), and is accumulated in f32 with the product of the
+//! group's and the activation block's scales. Horizontal sums happen once per row.
+
+use super::{FactorRef, LowRankEpilogue, QuantizedActivation};
+use core::arch::x86_64::*;
+use recoup_formats::packed::{BLOCK, PackedMatrix};
+
+pub fn has_avx2() -> bool {
+    is_x86_feature_detected!("avx2")
+        && is_x86_feature_detected!("fma")
+        && is_x86_feature_detected!("f16c")
+}
+
+pub fn has_avx2_vnni() -> bool {
+    has_avx2() && is_x86_feature_detected!("avx512vnni") && is_x86_feature_detected!("avx512vl")
+}
+
+#[inline]
+#[target_feature(enable = "avx2,fma")]
+fn hsum(v: __m256) -> f32 {
+    let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    let s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    _mm_cvtss_f32(s)
+}
+
+/// One f16 to f32 with F16C (`half`'s conversion checks the CPU on every call).
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+fn f16_to_f32(h: half::f16) -> f32 {
+    _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(i32::from(h.to_bits()))))
+}
+
+/// 2-bit block (8 bytes): byte `j` holds codes `j + 8k` in bits `2k..2k+2`. Broadcast the
+/// 8 bytes to the four 64-bit lanes and shift lane `k` right by `2k`.
+#[inline]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn unpack2(p: *const u8) -> __m256i {
+    // SAFETY: the caller points `p` at a whole block.
+    let bytes = unsafe { p.cast::<i64>().read_unaligned() };
+    let shifted = _mm256_srlv_epi64(_mm256_set1_epi64x(bytes), _mm256_set_epi64x(6, 4, 2, 0));
+    _mm256_and_si256(shifted, _mm256_set1_epi8(3))
+}
+
+/// 3-bit block (12 bytes): the 2-bit plane, then a 32-bit mask of the high bits, spread to
+/// one byte per code by a byte shuffle and a compare against each byte's bit.
+#[inline]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn unpack3(p: *const u8) -> __m256i {
+    // SAFETY: the caller points `p` at a whole block.
+    let (low, mask) = unsafe { (unpack2(p), p.add(8).cast::<i32>().read_unaligned()) };
+    let spread = _mm256_shuffle_epi8(
+        _mm256_set1_epi32(mask),
+        _mm256_setr_epi8(
+            0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1, 2, 2, 2, 2, 2, 2, 2, 2, 3, 3, 3, 3, 3,
+            3, 3, 3,
+        ),
+    );
+    let bit = _mm256_set1_epi64x(0x8040_2010_0804_0201_u64 as i64);
+    let high = _mm256_cmpeq_epi8(_mm256_and_si256(spread, bit), bit);
+    _mm256_or_si256(low, _mm256_and_si256(high, _mm256_set1_epi8(4)))
+}
+
+/// 4-bit block (16 bytes): low nibbles are codes 0–15, high nibbles codes 16–31.
+#[inline]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn unpack4(p: *const u8) -> __m256i {
+    // SAFETY: the caller points `p` at a whole block.
+    let v = unsafe { _mm_loadu_si128(p.cast()) };
+    _mm256_and_si256(
+        _mm256_set_m128i(_mm_srli_epi16(v, 4), v),
+        _mm256_set1_epi8(0x0F),
+    )
+}
+
+#[inline]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn unpack<const BITS: u32>(p: *const u8) -> __m256i {
+    // SAFETY: forwarded from the caller.
+    unsafe {
+        match BITS {
+            2 => unpack2(p),
+            3 => unpack3(p),
+            4 => unpack4(p),
+            _ => _mm256_loadu_si256(p.cast()),
+        }
+    }
+}
+
+/// `Σ (q − offset)·x` in 8 lanes with `vpmaddubsw`, whose i16 pair sums saturate: codes of
+/// up to 4 bits are safe as they are (15·127·2 < 2¹⁵); 8-bit codes are first shifted to
+/// signed (`offset` 128) and multiplied by magnitude and moved sign.
+#[inline]
+#[target_feature(enable = "avx2,fma")]
+fn dot_maddubs<const BITS: u32>(q: __m256i, x: __m256i) -> __m256i {
+    let ones = _mm256_set1_epi16(1);
+    if BITS == 8 {
+        let a = _mm256_xor_si256(q, _mm256_set1_epi8(i8::MIN));
+        let pairs = _mm256_maddubs_epi16(_mm256_sign_epi8(a, a), _mm256_sign_epi8(x, a));
+        _mm256_madd_epi16(pairs, ones)
+    } else {
+        _mm256_madd_epi16(_mm256_maddubs_epi16(q, x), ones)
+    }
+}
+
+/// `Σ q·x` in 8 lanes with one `vpdpbusd` (no saturation, no offset).
+#[inline]
+#[target_feature(enable = "avx2,fma,avx512vnni,avx512vl")]
+fn dot_vnni<const BITS: u32>(q: __m256i, x: __m256i) -> __m256i {
+    _mm256_dpbusd_epi32(_mm256_setzero_si256(), q, x)
+}
+
+/// The row loop, once per dot-product flavour: `$offset8` is what `$dot` subtracts from
+/// 8-bit codes, folded into the zero point.
+macro_rules! packed_rows_with {
+    ($name:ident, $features:literal, $dot:ident, $offset8:expr) => {
+        /// # Safety
+        /// The CPU must have the enabled features; `m`, `act`, `group_sums` and `y` must
+        /// agree as `super::packed_rows` checks.
+        #[target_feature(enable = $features)]
+        pub unsafe fn $name(
+            m: &PackedMatrix,
+            act: &QuantizedActivation,
+            group_sums: &[f32],
+            r0: usize,
+            y: &mut [f32],
+            epilogue: Option<LowRankEpilogue>,
+        ) {
+            #[target_feature(enable = $features)]
+            unsafe fn rows<const BITS: u32>(
+                m: &PackedMatrix,
+                act: &QuantizedActivation,
+                group_sums: &[f32],
+                r0: usize,
+                y: &mut [f32],
+                epilogue: Option<LowRankEpilogue>,
+            ) {
+                let blocks = m.cols / BLOCK;
+                let row_bytes = m.spec.row_bytes(m.cols);
+                let block_bytes = row_bytes / blocks;
+                let gpr = m.groups_per_row();
+                let blocks_per_group = m.spec.group / BLOCK;
+                let offset = if BITS == 8 { $offset8 } else { 0.0 };
+                let sym_zero = f32::from(m.spec.sym_zero());
+                for (i, out) in y.iter_mut().enumerate() {
+                    let r = r0 + i;
+                    let row = m.codes[r * row_bytes..(r + 1) * row_bytes].as_ptr();
+                    let scales = &m.scales[r * gpr..(r + 1) * gpr];
+                    let zeros = if m.spec.sym {
+                        &[][..]
+                    } else {
+                        &m.zeros[r * gpr..(r + 1) * gpr]
+                    };
+                    let (mut acc, mut acc2) = (_mm256_setzero_ps(), _mm256_setzero_ps());
+                    let mut zero_term = 0f32;
+                    for (g, (&scale, &sum)) in scales.iter().zip(group_sums).enumerate() {
+                        let s = f16_to_f32(scale);
+                        let z = zeros.get(g).map_or(sym_zero, |&z| f32::from(z));
+                        zero_term += s * (z - offset) * sum;
+                        let b0 = g * blocks_per_group;
+                        let b1 = (b0 + blocks_per_group).min(blocks);
+                        // SAFETY: block `b` of row `r` lies within the row's bytes, and the
+                        // activation holds `cols` codes.
+                        let block = |b: usize| unsafe {
+                            let q = unpack::<BITS>(row.add(b * block_bytes));
+                            let x = _mm256_loadu_si256(act.codes.as_ptr().add(b * BLOCK).cast());
+                            _mm256_cvtepi32_ps($dot::<BITS>(q, x))
+                        };
+                        // Pairs of blocks into two accumulators, so that consecutive blocks
+                        // do not wait on one chain of FMAs.
+                        let mut b = b0;
+                        while b + 2 <= b1 {
+                            let (d0, d1) = (act.scales[b], act.scales[b + 1]);
+                            acc = _mm256_fmadd_ps(block(b), _mm256_set1_ps(s * d0), acc);
+                            acc2 = _mm256_fmadd_ps(block(b + 1), _mm256_set1_ps(s * d1), acc2);
+                            b += 2;
+                        }
+                        if b < b1 {
+                            acc = _mm256_fmadd_ps(block(b), _mm256_set1_ps(s * act.scales[b]), acc);
+                        }
+                    }
+                    *out = hsum(_mm256_add_ps(acc, acc2)) - zero_term;
+                    if let Some(e) = &epilogue {
+                        // SAFETY: same features as this function's.
+                        *out += unsafe { factor_row_dot(e.a, r, e.v.len(), e.v) };
+                    }
+                }
+            }
+            // SAFETY: same features and the caller's guarantees.
+            unsafe {
+                match m.spec.bits {
+                    2 => rows::<2>(m, act, group_sums, r0, y, epilogue),
+                    3 => rows::<3>(m, act, group_sums, r0, y, epilogue),
+                    4 => rows::<4>(m, act, group_sums, r0, y, epilogue),
+                    _ => rows::<8>(m, act, group_sums, r0, y, epilogue),
+                }
+            }
+        }
+    };
+}
+
+packed_rows_with!(packed_rows_avx2, "avx2,fma,f16c", dot_maddubs, 128.0);
+packed_rows_with!(
+    packed_rows_vnni,
+    "avx2,fma,f16c,avx512vnni,avx512vl",
+    dot_vnni,
+    0.0
+);
+
+/// Eight factor values from `p` as f32.
+trait FactorLanes {
+    /// # Safety
+    /// `p` must point at 8 readable values.
+    unsafe fn load8(p: *const Self) -> __m256;
+}
+
+impl FactorLanes for half::f16 {
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn load8(p: *const Self) -> __m256 {
+        // SAFETY: forwarded from the caller.
+        _mm256_cvtph_ps(unsafe { _mm_loadu_si128(p.cast()) })
+    }
+}
+
+impl FactorLanes for i8 {
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn load8(p: *const Self) -> __m256 {
+        // SAFETY: forwarded from the caller.
+        _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(unsafe { _mm_loadl_epi64(p.cast()) }))
+    }
+}
+
+/// `⟨row, v⟩` with four accumulators, so long rows (a down-projection `B` is as wide as
+/// the layer's input) are not bound by the FMA latency.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+fn dot_lanes<T: FactorLanes + Copy>(row: &[T], v: &[f32], tail: impl Fn(T) -> f32) -> f32 {
+    let n = row.len().min(v.len());
+    let (rp, vp) = (row.as_ptr(), v.as_ptr());
+    let mut acc = [_mm256_setzero_ps(); 4];
+    let mut j = 0;
+    // SAFETY: every load reads 8 values starting below `n − 7`.
+    unsafe {
+        while j + 32 <= n {
+            for (k, a) in acc.iter_mut().enumerate() {
+                let o = j + 8 * k;
+                *a = _mm256_fmadd_ps(T::load8(rp.add(o)), _mm256_loadu_ps(vp.add(o)), *a);
+            }
+            j += 32;
+        }
+        while j + 8 <= n {
+            acc[0] = _mm256_fmadd_ps(T::load8(rp.add(j)), _mm256_loadu_ps(vp.add(j)), acc[0]);
+            j += 8;
+        }
+    }
+    let sum = _mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3]));
+    hsum(sum) + (j..n).map(|i| tail(row[i]) * v[i]).sum::<f32>()
+}
+
+/// `⟨row r of f (len wide), v⟩`.
+///
+/// # Safety
+/// The CPU must have AVX2, FMA and F16C.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub unsafe fn factor_row_dot(f: FactorRef, r: usize, len: usize, v: &[f32]) -> f32 {
+    match f {
+        FactorRef::F16(a) => dot_lanes(&a[r * len..(r + 1) * len], v, |h| h.to_f32()),
+        FactorRef::Int8 { codes, scales } => {
+            scales[r].to_f32() * dot_lanes(&codes[r * len..(r + 1) * len], v, f32::from)
+        }
+    }
+}
