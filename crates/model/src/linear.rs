@@ -2,7 +2,7 @@
 //! residual-compensated layers are further [`LinearOp`]s; the model never sees the difference.
 
 use recoup_formats::packed::{LowRank, PackedLinear};
-use recoup_kernels::lowbit::{self, Isa, LowRankEpilogue, QuantizedActivation};
+use recoup_kernels::lowbit::{self, Isa, QuantizedActivation};
 use recoup_kernels::matmul::matmul_wt;
 use std::sync::Arc;
 
@@ -135,13 +135,13 @@ impl PackedOp {
             return lowbit::packed_matvec(m, act, y, None, isa);
         };
         let mut v = vec![0f32; lr.rank];
-        lowbit::factor_matvec((&lr.b).into(), x, &mut v, isa);
-        let a = (&lr.a).into();
+        let (a, b) = ((&lr.a).into(), (&lr.b).into());
         if self.options.low_rank == LowRankPath::Unfused {
+            lowbit::factor_matvec(b, x, &mut v, isa);
             lowbit::packed_matvec(m, act, y, None, isa);
             lowbit::factor_matvec_add(a, &v, y, isa);
         } else {
-            lowbit::packed_matvec(m, act, y, Some(LowRankEpilogue { a, v: &v }), isa);
+            lowbit::packed_matvec_low_rank(m, act, x, a, b, y, &mut v, isa);
         }
     }
 }

@@ -32,6 +32,7 @@ use half::f16;
 use rayon::prelude::*;
 use recoup_formats::packed::{BLOCK, Factor, PackedMatrix};
 use std::sync::OnceLock;
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 /// An instruction set a kernel is compiled for.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -279,6 +280,65 @@ pub fn packed_matvec(
     let sums = act.group_sums(m.spec.group);
     split_rows(y, m.cols, |r0, part| {
         packed_rows(m, act, &sums, r0, part, epilogue, isa)
+    });
+}
+
+/// `y = m·x + A·(B·x)` in one job of the spin pool, the fused low-rank path: each thread
+/// computes its share of `v = B·x`, waits at a barrier until all of `v` is there, then
+/// computes its rows of the main product with `⟨A_r, v⟩` added as each row is written.
+/// `x` is the activation in f32 (the branch's input, original column order), `act` the
+/// same activation quantized in the matrix's stored order.
+pub fn packed_matvec_low_rank(
+    m: &PackedMatrix,
+    act: &QuantizedActivation,
+    x: &[f32],
+    a: FactorRef,
+    b: FactorRef,
+    y: &mut [f32],
+    v: &mut [f32],
+    isa: Isa,
+) {
+    assert_eq!(y.len(), m.rows, "output length vs matrix rows");
+    assert_eq!(x.len(), m.cols, "activation length vs matrix columns");
+    let rank = v.len();
+    LowRankEpilogue { a, v }.check(m.rows);
+    let b_ok = match b {
+        FactorRef::F16(b) => b.len() == rank * m.cols,
+        FactorRef::Int8 { codes, scales } => codes.len() == rank * m.cols && scales.len() == rank,
+    };
+    assert!(
+        b_ok,
+        "low-rank factor B does not hold {rank} rows of {}",
+        m.cols
+    );
+    let pool = crate::pool::global();
+    let sums = act.group_sums(m.spec.group);
+    let threads = pool.threads();
+    if threads == 1 || m.rows * m.cols < MIN_PARALLEL_WEIGHTS {
+        factor_matvec(b, x, v, isa);
+        let epilogue = LowRankEpilogue { a, v };
+        return packed_rows(m, act, &sums, 0, y, Some(epilogue), isa);
+    }
+    let (v_base, y_base) = (SharedMut(v.as_mut_ptr()), SharedMut(y.as_mut_ptr()));
+    let arrived = AtomicUsize::new(0);
+    pool.run(&|part| {
+        let (v0, v1) = crate::pool::part_range(rank, threads, part, 1);
+        for r in v0..v1 {
+            let dot = factor_row_dot(b, r, m.cols, x, isa);
+            // SAFETY: each part writes its own entries of `v`, which outlives `run`.
+            unsafe { *v_base.get().add(r) = dot };
+        }
+        // Nothing above can panic (the shapes were checked), so every part arrives.
+        arrived.fetch_add(1, Ordering::SeqCst);
+        while arrived.load(Ordering::SeqCst) < threads {
+            std::hint::spin_loop();
+        }
+        // SAFETY: every write to `v` happened before its writer's arrival.
+        let v = unsafe { std::slice::from_raw_parts(v_base.get(), rank) };
+        let (r0, r1) = crate::pool::part_range(m.rows, threads, part, 16);
+        // SAFETY: parts are disjoint ranges of `y`, which outlives `run`.
+        let mine = unsafe { std::slice::from_raw_parts_mut(y_base.get().add(r0), r1 - r0) };
+        packed_rows(m, act, &sums, r0, mine, Some(LowRankEpilogue { a, v }), isa);
     });
 }
 

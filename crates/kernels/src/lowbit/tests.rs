@@ -217,13 +217,17 @@ fn fused_epilogue_equals_the_unfused_passes() {
         let act = QuantizedActivation::quantize(&x);
         for isa in Isa::available() {
             let mut v = vec![0f32; rank];
-            factor_matvec((&b).into(), &x, &mut v, isa);
-            let epilogue = LowRankEpilogue {
-                a: (&a).into(),
-                v: &v,
-            };
             let mut fused = vec![0f32; rows];
-            packed_matvec(&m, &act, &mut fused, Some(epilogue), isa);
+            let (af, bf) = ((&a).into(), (&b).into());
+            packed_matvec_low_rank(&m, &act, &x, af, bf, &mut fused, &mut v, isa);
+            // The same as the single-threaded row kernel with an explicit epilogue.
+            let mut rows_only = vec![0f32; rows];
+            let epilogue = LowRankEpilogue { a: af, v: &v };
+            let sums = act.group_sums(128);
+            packed_rows(&m, &act, &sums, 0, &mut rows_only, Some(epilogue), isa);
+            assert_eq!(fused, rows_only, "{}", isa.name());
+            let mut v = vec![0f32; rank];
+            factor_matvec(bf, &x, &mut v, isa);
             let mut unfused = vec![0f32; rows];
             packed_matvec(&m, &act, &mut unfused, None, isa);
             factor_matvec_add((&a).into(), &v, &mut unfused, isa);
