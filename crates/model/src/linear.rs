@@ -141,7 +141,7 @@ impl PackedOp {
             lowbit::packed_matvec(m, act, y, None, isa);
             lowbit::factor_matvec_add(a, &v, y, isa);
         } else {
-            lowbit::packed_matvec_low_rank(m, act, x, a, b, y, &mut v, isa);
+            lowbit::packed_matvec_low_rank(m, act, x, lr.into(), y, &mut v, isa);
         }
     }
 }

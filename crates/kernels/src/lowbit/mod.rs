@@ -30,7 +30,7 @@ mod x86;
 use crate::SharedMut;
 use half::f16;
 use rayon::prelude::*;
-use recoup_formats::packed::{BLOCK, Factor, PackedMatrix};
+use recoup_formats::packed::{BLOCK, Factor, LowRank, PackedMatrix};
 use std::sync::OnceLock;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
@@ -188,6 +188,22 @@ pub fn factor_matvec(f: FactorRef, x: &[f32], out: &mut [f32], isa: Isa) {
     });
 }
 
+/// A low-rank branch's factors: `A` `[rows, rank]` and `B` `[rank, cols]`.
+#[derive(Clone, Copy)]
+pub struct LowRankFactors<'a> {
+    pub a: FactorRef<'a>,
+    pub b: FactorRef<'a>,
+}
+
+impl<'a> From<&'a LowRank> for LowRankFactors<'a> {
+    fn from(l: &'a LowRank) -> Self {
+        Self {
+            a: (&l.a).into(),
+            b: (&l.b).into(),
+        }
+    }
+}
+
 /// The low-rank up-projection added to each output row in the same pass: `y_r += ⟨A_r, v⟩`.
 #[derive(Clone, Copy)]
 pub struct LowRankEpilogue<'a> {
@@ -292,12 +308,12 @@ pub fn packed_matvec_low_rank(
     m: &PackedMatrix,
     act: &QuantizedActivation,
     x: &[f32],
-    a: FactorRef,
-    b: FactorRef,
+    branch: LowRankFactors,
     y: &mut [f32],
     v: &mut [f32],
     isa: Isa,
 ) {
+    let LowRankFactors { a, b } = branch;
     assert_eq!(y.len(), m.rows, "output length vs matrix rows");
     assert_eq!(x.len(), m.cols, "activation length vs matrix columns");
     let rank = v.len();

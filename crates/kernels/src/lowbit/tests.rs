@@ -219,7 +219,8 @@ fn fused_epilogue_equals_the_unfused_passes() {
             let mut v = vec![0f32; rank];
             let mut fused = vec![0f32; rows];
             let (af, bf) = ((&a).into(), (&b).into());
-            packed_matvec_low_rank(&m, &act, &x, af, bf, &mut fused, &mut v, isa);
+            let branch = LowRankFactors { a: af, b: bf };
+            packed_matvec_low_rank(&m, &act, &x, branch, &mut fused, &mut v, isa);
             // The same as the single-threaded row kernel with an explicit epilogue.
             let mut rows_only = vec![0f32; rows];
             let epilogue = LowRankEpilogue { a: af, v: &v };
