@@ -7,8 +7,8 @@
 use half::f16;
 use recoup_formats::packed::{Factor, FactorDtype, GridSpec, PackedMatrix};
 use recoup_kernels::lowbit::{
-    Isa, LowRankFactors, QuantizedActivation, factor_matvec, factor_matvec_add, packed_matvec,
-    packed_matvec_low_rank,
+    Isa, LowRankFactors, QuantizedActivation, TiledFactor, factor_matvec, factor_matvec_add,
+    packed_matvec, packed_matvec_low_rank,
 };
 use recoup_kernels::membw::stream_read_gbps;
 use std::time::Instant;
@@ -45,13 +45,6 @@ fn matrix(s: &mut Stream, bits: u32, group: usize, rows: usize, cols: usize) -> 
         .map(|_| (s.next() % (1 << bits)) as u8)
         .collect();
     PackedMatrix::new(spec, rows, cols, packed, scales, zeros, "bench").unwrap()
-}
-
-fn factors<'a>(a: &'a Factor, b: &'a Factor) -> LowRankFactors<'a> {
-    LowRankFactors {
-        a: a.into(),
-        b: b.into(),
-    }
 }
 
 /// Median seconds of `f` over enough calls to take about a quarter of a second.
@@ -128,12 +121,16 @@ fn main() {
                 Factor::quantize(&b, cols, dtype),
             );
             let mut v = vec![0f32; rank];
-            let fused =
-                time(|| packed_matvec_low_rank(&m, &act, &x, factors(&a, &b), &mut y, &mut v, isa));
+            let tiled = TiledFactor::new((&a).into(), rows, rank);
+            let branch = LowRankFactors {
+                a: &tiled,
+                b: (&b).into(),
+            };
+            let fused = time(|| packed_matvec_low_rank(&m, &act, &x, branch, &mut y, &mut v, isa));
             let unfused = time(|| {
-                factor_matvec((&b).into(), &x, &mut v, isa);
+                factor_matvec(branch.b, &x, &mut v, isa);
                 packed_matvec(&m, &act, &mut y, None, isa);
-                factor_matvec_add((&a).into(), &v, &mut y, isa);
+                factor_matvec_add(&tiled, &v, &mut y, isa);
             });
             let (f, u) = (fused - plain, unfused - plain);
             println!(

@@ -2,7 +2,7 @@
 //! residual-compensated layers are further [`LinearOp`]s; the model never sees the difference.
 
 use recoup_formats::packed::{LowRank, PackedLinear};
-use recoup_kernels::lowbit::{self, Isa, QuantizedActivation};
+use recoup_kernels::lowbit::{self, Isa, LowRankFactors, QuantizedActivation, TiledFactor};
 use recoup_kernels::matmul::matmul_wt;
 use std::sync::Arc;
 
@@ -94,14 +94,22 @@ const MATVEC_MAX_TOKENS: usize = 8;
 /// tiled dequantization + f32 GEMM for prefill, the low-rank branch fused into the former.
 pub struct PackedOp {
     packed: PackedLinear,
+    /// The branch's `A` laid out for the kernels' epilogue.
+    a_tiled: Option<TiledFactor>,
     isa: Isa,
     options: KernelOptions,
 }
 
 impl PackedOp {
     pub fn new(packed: PackedLinear) -> Self {
+        let rows = packed.matrix.rows;
+        let a_tiled = packed
+            .low_rank
+            .as_ref()
+            .map(|l| TiledFactor::new((&l.a).into(), rows, l.rank));
         Self {
             packed,
+            a_tiled,
             isa: Isa::best(),
             options: KernelOptions::default(),
         }
@@ -135,13 +143,15 @@ impl PackedOp {
             return lowbit::packed_matvec(m, act, y, None, isa);
         };
         let mut v = vec![0f32; lr.rank];
-        let (a, b) = ((&lr.a).into(), (&lr.b).into());
+        let a = self.a_tiled.as_ref().expect("tiled with the branch");
+        let b = (&lr.b).into();
         if self.options.low_rank == LowRankPath::Unfused {
             lowbit::factor_matvec(b, x, &mut v, isa);
             lowbit::packed_matvec(m, act, y, None, isa);
             lowbit::factor_matvec_add(a, &v, y, isa);
         } else {
-            lowbit::packed_matvec_low_rank(m, act, x, lr.into(), y, &mut v, isa);
+            let branch = LowRankFactors { a, b };
+            lowbit::packed_matvec_low_rank(m, act, x, branch, y, &mut v, isa);
         }
     }
 }

@@ -30,7 +30,7 @@ mod x86;
 use crate::SharedMut;
 use half::f16;
 use rayon::prelude::*;
-use recoup_formats::packed::{BLOCK, Factor, LowRank, PackedMatrix};
+use recoup_formats::packed::{BLOCK, Factor, PackedMatrix};
 use std::sync::OnceLock;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
@@ -188,27 +188,79 @@ pub fn factor_matvec(f: FactorRef, x: &[f32], out: &mut [f32], isa: Isa) {
     });
 }
 
-/// A low-rank branch's factors: `A` `[rows, rank]` and `B` `[rank, cols]`.
-#[derive(Clone, Copy)]
-pub struct LowRankFactors<'a> {
-    pub a: FactorRef<'a>,
-    pub b: FactorRef<'a>,
+/// Rows of `A` that the epilogue computes together.
+pub const TILE_ROWS: usize = 8;
+
+/// A low-rank up-projection `A` `[rows, rank]` laid out for the epilogue: tiles of
+/// [`TILE_ROWS`] rows, each stored rank-major (entry `k` of the tile's 8 rows side by
+/// side), so 8 output rows cost `rank` vector FMAs and no horizontal sums. The last tile is
+/// padded with zeros. Built once when a layer is loaded; the same bytes as `A`.
+#[derive(Clone, Debug)]
+pub struct TiledFactor {
+    pub rows: usize,
+    pub rank: usize,
+    pub tiles: Tiles,
 }
 
-impl<'a> From<&'a LowRank> for LowRankFactors<'a> {
-    fn from(l: &'a LowRank) -> Self {
-        Self {
-            a: (&l.a).into(),
-            b: (&l.b).into(),
-        }
+#[derive(Clone, Debug)]
+pub enum Tiles {
+    F16(Vec<f16>),
+    /// int8 codes, and the per-row scales as f32 (padded like the rows).
+    Int8 {
+        codes: Vec<i8>,
+        scales: Vec<f32>,
+    },
+}
+
+impl TiledFactor {
+    pub fn new(a: FactorRef, rows: usize, rank: usize) -> Self {
+        let padded = rows.div_ceil(TILE_ROWS) * TILE_ROWS;
+        let index = |r: usize, k: usize| (r / TILE_ROWS * rank + k) * TILE_ROWS + r % TILE_ROWS;
+        let tiles = match a {
+            FactorRef::F16(a) => {
+                assert_eq!(a.len(), rows * rank, "A holds {rows} rows of rank {rank}");
+                let mut t = vec![f16::ZERO; padded * rank];
+                for (r, row) in a.chunks_exact(rank).enumerate() {
+                    row.iter()
+                        .enumerate()
+                        .for_each(|(k, &v)| t[index(r, k)] = v);
+                }
+                Tiles::F16(t)
+            }
+            FactorRef::Int8 { codes, scales } => {
+                assert!(
+                    codes.len() == rows * rank && scales.len() == rows,
+                    "A's shape"
+                );
+                let mut t = vec![0i8; padded * rank];
+                for (r, row) in codes.chunks_exact(rank).enumerate() {
+                    row.iter()
+                        .enumerate()
+                        .for_each(|(k, &v)| t[index(r, k)] = v);
+                }
+                let mut s: Vec<f32> = scales.iter().map(|s| s.to_f32()).collect();
+                s.resize(padded, 0.0);
+                Tiles::Int8 {
+                    codes: t,
+                    scales: s,
+                }
+            }
+        };
+        Self { rows, rank, tiles }
     }
 }
 
-/// The low-rank up-projection added to each output row in the same pass: `y_r += ⟨A_r, v⟩`.
+/// A low-rank branch's factors as the kernels take them: `A` tiled, `B` `[rank, cols]`.
+#[derive(Clone, Copy)]
+pub struct LowRankFactors<'a> {
+    pub a: &'a TiledFactor,
+    pub b: FactorRef<'a>,
+}
+
+/// The low-rank up-projection added to output rows: `y_r += ⟨A_r, v⟩`.
 #[derive(Clone, Copy)]
 pub struct LowRankEpilogue<'a> {
-    /// `A`, `[rows, rank]`.
-    pub a: FactorRef<'a>,
+    pub a: &'a TiledFactor,
     /// `v = B·x`, `rank` values.
     pub v: &'a [f32],
 }
@@ -217,18 +269,46 @@ impl LowRankEpilogue<'_> {
     /// Panics unless `A` holds `rows` rows of `v.len()` values.
     fn check(&self, rows: usize) {
         let rank = self.v.len();
-        let ok = match self.a {
-            FactorRef::F16(a) => a.len() == rows * rank,
-            FactorRef::Int8 { codes, scales } => codes.len() == rows * rank && scales.len() == rows,
-        };
         assert!(
-            ok,
-            "low-rank factor A does not hold {rows} rows of rank {rank}"
+            self.a.rows == rows && self.a.rank == rank,
+            "low-rank factor A is [{}, {}], not [{rows}, {rank}]",
+            self.a.rows,
+            self.a.rank
         );
     }
 }
 
+/// `⟨A_r, v⟩` for the 8 rows of tile `t`.
+pub fn tile_dots(a: &TiledFactor, t: usize, v: &[f32], isa: Isa) -> [f32; TILE_ROWS] {
+    assert!(t * TILE_ROWS < a.rows && v.len() == a.rank, "tile {t} of A");
+    match isa {
+        Isa::Scalar => reference::tile_dots(a, t, v),
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: listed by `Isa::available` only where the CPU has AVX2, FMA and F16C;
+        // the assert bounds the tile.
+        Isa::Avx2 | Isa::Avx2Vnni => unsafe { x86::tile_dots(a, t, v) },
+        #[cfg(not(target_arch = "x86_64"))]
+        _ => reference::tile_dots(a, t, v),
+    }
+}
+
+/// `y[i] += ⟨A_{r0+i}, v⟩` for `i < y.len()`, a tile of 8 rows at a time.
+pub fn add_low_rank(e: LowRankEpilogue, r0: usize, y: &mut [f32], isa: Isa) {
+    let end = r0 + y.len();
+    let mut r = r0;
+    while r < end {
+        let (t, lane) = (r / TILE_ROWS, r % TILE_ROWS);
+        let dots = tile_dots(e.a, t, e.v, isa);
+        let n = (TILE_ROWS - lane).min(end - r);
+        for (out, d) in y[r - r0..r - r0 + n].iter_mut().zip(&dots[lane..lane + n]) {
+            *out += d;
+        }
+        r += n;
+    }
+}
+
 /// `y[i] = ⟨packed row r0 + i, x⟩` (+ the epilogue) for `i < y.len()`, on the calling thread.
+/// Parallel callers start parts on multiples of 16 rows, so the epilogue's tiles align.
 pub fn packed_rows(
     m: &PackedMatrix,
     act: &QuantizedActivation,
@@ -249,16 +329,20 @@ pub fn packed_rows(
         e.check(m.rows);
     }
     match isa {
-        Isa::Scalar => reference::packed_rows(m, act, group_sums, r0, y, epilogue),
+        Isa::Scalar => reference::packed_rows(m, act, group_sums, r0, y),
         #[cfg(target_arch = "x86_64")]
         // SAFETY: listed by `Isa::available` only where the CPU has the features; the
         // asserts above and `PackedMatrix::new`'s checks bound every read.
-        Isa::Avx2 => unsafe { x86::packed_rows_avx2(m, act, group_sums, r0, y, epilogue) },
+        Isa::Avx2 => unsafe { x86::packed_rows_avx2(m, act, group_sums, r0, y) },
         #[cfg(target_arch = "x86_64")]
         // SAFETY: as above, with AVX-512 VNNI and VL present.
-        Isa::Avx2Vnni => unsafe { x86::packed_rows_vnni(m, act, group_sums, r0, y, epilogue) },
+        Isa::Avx2Vnni => unsafe { x86::packed_rows_vnni(m, act, group_sums, r0, y) },
         #[cfg(not(target_arch = "x86_64"))]
-        _ => reference::packed_rows(m, act, group_sums, r0, y, epilogue),
+        _ => reference::packed_rows(m, act, group_sums, r0, y),
+    }
+    // The rows just written are still in L1: the branch costs no pass over memory.
+    if let Some(e) = epilogue {
+        add_low_rank(e, r0, y, isa);
     }
 }
 
@@ -301,7 +385,7 @@ pub fn packed_matvec(
 
 /// `y = m·x + A·(B·x)` in one job of the spin pool, the fused low-rank path: each thread
 /// computes its share of `v = B·x`, waits at a barrier until all of `v` is there, then
-/// computes its rows of the main product with `⟨A_r, v⟩` added as each row is written.
+/// computes its rows of the main product and adds `⟨A_r, v⟩` to them while they are in L1.
 /// `x` is the activation in f32 (the branch's input, original column order), `act` the
 /// same activation quantized in the matrix's stored order.
 pub fn packed_matvec_low_rank(
@@ -360,12 +444,10 @@ pub fn packed_matvec_low_rank(
 
 /// `y += A · v` as a pass of its own: the unfused up-projection, rows split across the
 /// spin pool.
-pub fn factor_matvec_add(a: FactorRef, v: &[f32], y: &mut [f32], isa: Isa) {
-    split_rows(y, v.len(), |r0, part| {
-        for (j, out) in part.iter_mut().enumerate() {
-            *out += factor_row_dot(a, r0 + j, v.len(), v, isa);
-        }
-    });
+pub fn factor_matvec_add(a: &TiledFactor, v: &[f32], y: &mut [f32], isa: Isa) {
+    let e = LowRankEpilogue { a, v };
+    e.check(y.len());
+    split_rows(y, v.len(), |r0, part| add_low_rank(e, r0, part, isa));
 }
 
 /// Rows of f32 weights per tile of the prefill product: a tile of a wide matrix stays

@@ -1,7 +1,7 @@
 //! Scalar twins of the SIMD kernels: the same formulas, one value at a time, with the
 //! block layouts read through `recoup_formats::packed`'s own unpacking.
 
-use super::{FactorRef, LowRankEpilogue, QuantizedActivation};
+use super::{FactorRef, QuantizedActivation, TILE_ROWS, TiledFactor, Tiles};
 use recoup_formats::packed::{BLOCK, PackedMatrix};
 
 /// `⟨row r of f (len wide), v⟩`.
@@ -32,14 +32,13 @@ fn block_dot(codes: &[u8], x: &[i8]) -> i32 {
         .sum()
 }
 
-/// Rows `r0..r0 + y.len()` of `m · x` (module formula), plus the epilogue.
+/// Rows `r0..r0 + y.len()` of `m · x` (module formula).
 pub fn packed_rows(
     m: &PackedMatrix,
     act: &QuantizedActivation,
     group_sums: &[f32],
     r0: usize,
     y: &mut [f32],
-    epilogue: Option<LowRankEpilogue>,
 ) {
     let gpr = m.groups_per_row();
     let blocks_per_group = m.spec.group / BLOCK;
@@ -61,8 +60,22 @@ pub fn packed_rows(
             }
         }
         *out = acc - zero_term;
-        if let Some(e) = &epilogue {
-            *out += factor_row_dot(e.a, r, e.v.len(), e.v);
-        }
     }
+}
+
+/// `⟨A_r, v⟩` for the 8 rows of tile `t` of a tiled `A`.
+pub fn tile_dots(a: &TiledFactor, t: usize, v: &[f32]) -> [f32; TILE_ROWS] {
+    let mut out = [0f32; TILE_ROWS];
+    let base = t * a.rank * TILE_ROWS;
+    for (lane, o) in out.iter_mut().enumerate() {
+        let at = |k: usize| base + k * TILE_ROWS + lane;
+        *o = match &a.tiles {
+            Tiles::F16(d) => (0..a.rank).map(|k| d[at(k)].to_f32() * v[k]).sum(),
+            Tiles::Int8 { codes, scales } => {
+                let dot: f32 = (0..a.rank).map(|k| f32::from(codes[at(k)]) * v[k]).sum();
+                scales[t * TILE_ROWS + lane] * dot
+            }
+        };
+    }
+    out
 }

@@ -206,6 +206,38 @@ fn factor_dots_match_the_scalar_twin() {
 }
 
 #[test]
+fn tiled_up_projection_matches_the_row_dots() {
+    let mut rng = StdRng::seed_from_u64(8);
+    for dtype in [FactorDtype::F16, FactorDtype::Int8] {
+        for (rows, rank) in [(13, 1), (8, 7), (37, 16), (20, 33)] {
+            let a = random_factor(&mut rng, rows, rank, dtype);
+            let af = a.to_f32();
+            let v = random_activation(&mut rng, rank);
+            let tiled = TiledFactor::new((&a).into(), rows, rank);
+            for isa in Isa::available() {
+                // From an unaligned first row, as a part of the rows may start.
+                let mut y: Vec<f32> = (0..rows - 3).map(|i| i as f32).collect();
+                add_low_rank(LowRankEpilogue { a: &tiled, v: &v }, 3, &mut y, isa);
+                for (i, got) in y.iter().enumerate() {
+                    let r = i + 3;
+                    let want = i as f32 + reference::factor_row_dot((&a).into(), r, rank, &v);
+                    let mag = i as f32
+                        + (0..rank)
+                            .map(|k| (af[r * rank + k] * v[k]).abs())
+                            .sum::<f32>();
+                    assert!(
+                        (got - want).abs() <= 1e-5 * mag,
+                        "{} {} [{rows}x{rank}] row {r}: {got} vs {want}",
+                        isa.name(),
+                        dtype.name()
+                    );
+                }
+            }
+        }
+    }
+}
+
+#[test]
 fn fused_epilogue_equals_the_unfused_passes() {
     let mut rng = StdRng::seed_from_u64(5);
     let (rows, cols, rank) = (300, 576, 32);
@@ -218,7 +250,8 @@ fn fused_epilogue_equals_the_unfused_passes() {
         for isa in Isa::available() {
             let mut v = vec![0f32; rank];
             let mut fused = vec![0f32; rows];
-            let (af, bf) = ((&a).into(), (&b).into());
+            let tiled = TiledFactor::new((&a).into(), rows, rank);
+            let (af, bf) = (&tiled, (&b).into());
             let branch = LowRankFactors { a: af, b: bf };
             packed_matvec_low_rank(&m, &act, &x, branch, &mut fused, &mut v, isa);
             // The same as the single-threaded row kernel with an explicit epilogue.
@@ -231,7 +264,7 @@ fn fused_epilogue_equals_the_unfused_passes() {
             factor_matvec(bf, &x, &mut v, isa);
             let mut unfused = vec![0f32; rows];
             packed_matvec(&m, &act, &mut unfused, None, isa);
-            factor_matvec_add((&a).into(), &v, &mut unfused, isa);
+            factor_matvec_add(&tiled, &v, &mut unfused, isa);
             // Up to the rounding of one addition per row.
             for (f, u) in fused.iter().zip(&unfused) {
                 assert!((f - u).abs() <= 1e-6 * (f.abs() + u.abs()), "{f} vs {u}");

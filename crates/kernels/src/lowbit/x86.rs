@@ -6,7 +6,7 @@
 //! integer dot product (8 lanes of i32), and is accumulated in f32 with the product of the
 //! group's and the activation block's scales. Horizontal sums happen once per row.
 
-use super::{FactorRef, LowRankEpilogue, QuantizedActivation};
+use super::{FactorRef, QuantizedActivation, TILE_ROWS, TiledFactor, Tiles};
 use core::arch::x86_64::*;
 use recoup_formats::packed::{BLOCK, PackedMatrix};
 
@@ -146,7 +146,6 @@ macro_rules! packed_rows_with {
             group_sums: &[f32],
             r0: usize,
             y: &mut [f32],
-            epilogue: Option<LowRankEpilogue>,
         ) {
             #[target_feature(enable = $features)]
             unsafe fn rows<const BITS: u32>(
@@ -155,7 +154,6 @@ macro_rules! packed_rows_with {
                 group_sums: &[f32],
                 r0: usize,
                 y: &mut [f32],
-                epilogue: Option<LowRankEpilogue>,
             ) {
                 let blocks = m.cols / BLOCK;
                 let row_bytes = m.spec.row_bytes(m.cols);
@@ -204,19 +202,15 @@ macro_rules! packed_rows_with {
                         }
                     }
                     *out = hsum(_mm256_add_ps(acc, acc2)) - zero_term;
-                    if let Some(e) = &epilogue {
-                        // SAFETY: same features as this function's.
-                        *out += unsafe { factor_row_dot(e.a, r, e.v.len(), e.v) };
-                    }
                 }
             }
             // SAFETY: same features and the caller's guarantees.
             unsafe {
                 match m.spec.bits {
-                    2 => rows::<2>(m, act, group_sums, r0, y, epilogue),
-                    3 => rows::<3>(m, act, group_sums, r0, y, epilogue),
-                    4 => rows::<4>(m, act, group_sums, r0, y, epilogue),
-                    _ => rows::<8>(m, act, group_sums, r0, y, epilogue),
+                    2 => rows::<2>(m, act, group_sums, r0, y),
+                    3 => rows::<3>(m, act, group_sums, r0, y),
+                    4 => rows::<4>(m, act, group_sums, r0, y),
+                    _ => rows::<8>(m, act, group_sums, r0, y),
                 }
             }
         }
@@ -295,4 +289,40 @@ pub unsafe fn factor_row_dot(f: FactorRef, r: usize, len: usize, v: &[f32]) -> f
             scales[r].to_f32() * dot_lanes(&codes[r * len..(r + 1) * len], v, f32::from)
         }
     }
+}
+
+/// `⟨A_r, v⟩` for the 8 rows of tile `t`: `rank` FMAs of 8 lanes, two chains.
+///
+/// # Safety
+/// The CPU must have AVX2, FMA and F16C; tile `t` must exist and `v` hold `rank` values.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub unsafe fn tile_dots(a: &TiledFactor, t: usize, v: &[f32]) -> [f32; TILE_ROWS] {
+    let rank = a.rank;
+    let base = t * rank * TILE_ROWS;
+    let mut acc = [_mm256_setzero_ps(); 2];
+    // SAFETY: tile `t` holds `rank · 8` values from `base`.
+    unsafe {
+        match &a.tiles {
+            Tiles::F16(d) => {
+                let p = d.as_ptr().add(base);
+                for k in 0..rank {
+                    let lanes = _mm256_cvtph_ps(_mm_loadu_si128(p.add(k * TILE_ROWS).cast()));
+                    acc[k & 1] = _mm256_fmadd_ps(lanes, _mm256_set1_ps(v[k]), acc[k & 1]);
+                }
+            }
+            Tiles::Int8 { codes, scales } => {
+                let p = codes.as_ptr().add(base);
+                for k in 0..rank {
+                    let lanes = i8::load8(p.add(k * TILE_ROWS));
+                    acc[k & 1] = _mm256_fmadd_ps(lanes, _mm256_set1_ps(v[k]), acc[k & 1]);
+                }
+                let s = _mm256_loadu_ps(scales.as_ptr().add(t * TILE_ROWS));
+                acc = [_mm256_mul_ps(acc[0], s), _mm256_mul_ps(acc[1], s)];
+            }
+        }
+    }
+    let mut out = [0f32; TILE_ROWS];
+    // SAFETY: `out` holds 8 floats.
+    unsafe { _mm256_storeu_ps(out.as_mut_ptr(), _mm256_add_ps(acc[0], acc[1])) };
+    out
 }
