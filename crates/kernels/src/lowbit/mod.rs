@@ -11,10 +11,11 @@
 //! ```
 //!
 //! where the second sum depends on the activation only and is computed once per product.
-//! A low-rank branch `A·B` is added in the same pass over the rows: `v = B·x` first (rank
-//! values), then each output row adds `⟨A_r, v⟩` as it is written (the fused path); the
-//! unfused path, kept as the measured baseline, runs the up-projection and the addition as
-//! passes of their own.
+//! A low-rank branch `A·B` is added in the same job as the main product: each thread
+//! computes its share of `v = B·x` (rank values), waits for the others, computes its rows
+//! and adds `⟨A_r, v⟩` to them, 8 rows at a time, while they are still in L1 (the fused
+//! path); the unfused path, kept as the measured baseline, runs the down-projection, the
+//! up-projection and the addition as jobs of their own.
 //!
 //! Prefill (many tokens) dequantizes tiles of rows to f32 and multiplies each with `gemm`,
 //! so the whole matrix is never resident in f32.
@@ -164,16 +165,15 @@ impl<'a> From<&'a Factor> for FactorRef<'a> {
     }
 }
 
-/// `⟨row r of f (len wide), v⟩`.
-pub fn factor_row_dot(f: FactorRef, r: usize, len: usize, v: &[f32], isa: Isa) -> f32 {
-    debug_assert_eq!(v.len(), len);
+/// `⟨row r of f, v⟩`; rows are `v.len()` wide.
+pub fn factor_row_dot(f: FactorRef, r: usize, v: &[f32], isa: Isa) -> f32 {
     match isa {
-        Isa::Scalar => reference::factor_row_dot(f, r, len, v),
+        Isa::Scalar => reference::factor_row_dot(f, r, v),
         #[cfg(target_arch = "x86_64")]
         // SAFETY: `Isa::available` lists these only where the CPU has AVX2, FMA and F16C.
-        Isa::Avx2 | Isa::Avx2Vnni => unsafe { x86::factor_row_dot(f, r, len, v) },
+        Isa::Avx2 | Isa::Avx2Vnni => unsafe { x86::factor_row_dot(f, r, v) },
         #[cfg(not(target_arch = "x86_64"))]
-        _ => reference::factor_row_dot(f, r, len, v),
+        _ => reference::factor_row_dot(f, r, v),
     }
 }
 
@@ -183,7 +183,7 @@ pub fn factor_row_dot(f: FactorRef, r: usize, len: usize, v: &[f32], isa: Isa) -
 pub fn factor_matvec(f: FactorRef, x: &[f32], out: &mut [f32], isa: Isa) {
     split_rows(out, x.len(), |r0, part| {
         for (j, o) in part.iter_mut().enumerate() {
-            *o = factor_row_dot(f, r0 + j, x.len(), x, isa);
+            *o = factor_row_dot(f, r0 + j, x, isa);
         }
     });
 }
@@ -360,7 +360,8 @@ fn split_rows(out: &mut [f32], cols: usize, f: impl Fn(usize, &mut [f32]) + Sync
     }
     let base = SharedMut(out.as_mut_ptr());
     pool.run(&|part| {
-        // Parts start on multiples of 16 rows, so no two threads write one cache line.
+        // Parts start on multiples of 16 rows (64 bytes of output), so threads rarely share
+        // a cache line of `out`, and the epilogue's 8-row tiles align.
         let (a, b) = crate::pool::part_range(rows, pool.threads(), part, 16);
         // SAFETY: parts are disjoint ranges of `out`, which outlives `run`.
         let mine = unsafe { std::slice::from_raw_parts_mut(base.get().add(a), b - a) };
@@ -424,7 +425,7 @@ pub fn packed_matvec_low_rank(
     pool.run(&|part| {
         let (v0, v1) = crate::pool::part_range(rank, threads, part, 1);
         for r in v0..v1 {
-            let dot = factor_row_dot(b, r, m.cols, x, isa);
+            let dot = factor_row_dot(b, r, x, isa);
             // SAFETY: each part writes its own entries of `v`, which outlives `run`.
             unsafe { *v_base.get().add(r) = dot };
         }

@@ -4,8 +4,9 @@
 use super::{FactorRef, QuantizedActivation, TILE_ROWS, TiledFactor, Tiles};
 use recoup_formats::packed::{BLOCK, PackedMatrix};
 
-/// `⟨row r of f (len wide), v⟩`.
-pub fn factor_row_dot(f: FactorRef, r: usize, len: usize, v: &[f32]) -> f32 {
+/// `⟨row r of f, v⟩`; rows are `v.len()` wide.
+pub fn factor_row_dot(f: FactorRef, r: usize, v: &[f32]) -> f32 {
+    let len = v.len();
     match f {
         FactorRef::F16(a) => a[r * len..(r + 1) * len]
             .iter()

@@ -185,14 +185,14 @@ fn factor_dots_match_the_scalar_twin() {
             let f = random_factor(&mut rng, 3, len, dtype);
             let v = random_activation(&mut rng, len);
             for r in 0..3 {
-                let want = reference::factor_row_dot((&f).into(), r, len, &v);
+                let want = reference::factor_row_dot((&f).into(), r, &v);
                 let mag: f32 = f.to_f32()[r * len..(r + 1) * len]
                     .iter()
                     .zip(&v)
                     .map(|(a, b)| (a * b).abs())
                     .sum();
                 for isa in Isa::available() {
-                    let got = factor_row_dot((&f).into(), r, len, &v, isa);
+                    let got = factor_row_dot((&f).into(), r, &v, isa);
                     assert!(
                         (got - want).abs() <= 1e-5 * mag + 1e-30,
                         "{} {} len {len}: {got} vs {want}",
@@ -220,7 +220,7 @@ fn tiled_up_projection_matches_the_row_dots() {
                 add_low_rank(LowRankEpilogue { a: &tiled, v: &v }, 3, &mut y, isa);
                 for (i, got) in y.iter().enumerate() {
                     let r = i + 3;
-                    let want = i as f32 + reference::factor_row_dot((&a).into(), r, rank, &v);
+                    let want = i as f32 + reference::factor_row_dot((&a).into(), r, &v);
                     let mag = i as f32
                         + (0..rank)
                             .map(|k| (af[r * rank + k] * v[k]).abs())

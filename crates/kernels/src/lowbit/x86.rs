@@ -108,7 +108,8 @@ fn dot_maddubs<const BITS: u32>(q: __m256i, x: __m256i) -> __m256i {
     }
 }
 
-/// `Σ q·x` in 8 lanes with one `vpdpbusd` (no saturation, no offset).
+/// `Σ q·x` in 8 lanes with one `vpdpbusd` (no saturation, no offset); generic over the
+/// bit width only to share `packed_rows_with!` with [`dot_maddubs`].
 #[inline]
 #[target_feature(enable = "avx2,fma,avx512vnni,avx512vl")]
 fn dot_vnni<const BITS: u32>(q: __m256i, x: __m256i) -> __m256i {
@@ -277,12 +278,13 @@ fn dot_lanes<T: FactorLanes + Copy>(row: &[T], v: &[f32], tail: impl Fn(T) -> f3
     hsum(sum) + (j..n).map(|i| tail(row[i]) * v[i]).sum::<f32>()
 }
 
-/// `⟨row r of f (len wide), v⟩`.
+/// `⟨row r of f, v⟩`; rows are `v.len()` wide.
 ///
 /// # Safety
 /// The CPU must have AVX2, FMA and F16C.
 #[target_feature(enable = "avx2,fma,f16c")]
-pub unsafe fn factor_row_dot(f: FactorRef, r: usize, len: usize, v: &[f32]) -> f32 {
+pub unsafe fn factor_row_dot(f: FactorRef, r: usize, v: &[f32]) -> f32 {
+    let len = v.len();
     match f {
         FactorRef::F16(a) => dot_lanes(&a[r * len..(r + 1) * len], v, |h| h.to_f32()),
         FactorRef::Int8 { codes, scales } => {
@@ -306,7 +308,7 @@ pub unsafe fn tile_dots(a: &TiledFactor, t: usize, v: &[f32]) -> [f32; TILE_ROWS
             Tiles::F16(d) => {
                 let p = d.as_ptr().add(base);
                 for k in 0..rank {
-                    let lanes = _mm256_cvtph_ps(_mm_loadu_si128(p.add(k * TILE_ROWS).cast()));
+                    let lanes = half::f16::load8(p.add(k * TILE_ROWS));
                     acc[k & 1] = _mm256_fmadd_ps(lanes, _mm256_set1_ps(v[k]), acc[k & 1]);
                 }
             }
