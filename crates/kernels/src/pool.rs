@@ -30,6 +30,8 @@ struct Shared {
     /// reaching 0, during which the caller keeps the job alive and does not change it.
     job: UnsafeCell<Option<Job>>,
     panicked: AtomicBool,
+    /// Set when the pool is dropped: workers return instead of waiting for a job.
+    shutdown: AtomicBool,
     sleepers: AtomicUsize,
     sleep: Mutex<()>,
     wake: Condvar,
@@ -42,6 +44,7 @@ unsafe impl Send for Shared {}
 
 pub struct SpinPool {
     shared: Arc<Shared>,
+    workers: Vec<std::thread::JoinHandle<()>>,
     threads: usize,
     /// One job at a time (tests run in parallel and may share the global pool).
     caller: Mutex<()>,
@@ -56,19 +59,23 @@ impl SpinPool {
             pending: AtomicUsize::new(0),
             job: UnsafeCell::new(None),
             panicked: AtomicBool::new(false),
+            shutdown: AtomicBool::new(false),
             sleepers: AtomicUsize::new(0),
             sleep: Mutex::new(()),
             wake: Condvar::new(),
         });
-        for index in 1..threads {
-            let shared = shared.clone();
-            std::thread::Builder::new()
-                .name(format!("recoup-kernel-{index}"))
-                .spawn(move || worker(&shared, index))
-                .expect("spawning a kernel thread");
-        }
+        let workers = (1..threads)
+            .map(|index| {
+                let shared = shared.clone();
+                std::thread::Builder::new()
+                    .name(format!("recoup-kernel-{index}"))
+                    .spawn(move || worker(&shared, index))
+                    .expect("spawning a kernel thread")
+            })
+            .collect();
         Self {
             shared,
+            workers,
             threads,
             caller: Mutex::new(()),
         }
@@ -111,12 +118,28 @@ impl SpinPool {
     }
 }
 
+impl Drop for SpinPool {
+    fn drop(&mut self) {
+        let s = &*self.shared;
+        s.shutdown.store(true, SeqCst);
+        drop(s.sleep.lock().unwrap_or_else(|e| e.into_inner()));
+        s.wake.notify_all();
+        for w in self.workers.drain(..) {
+            // A worker's panics were caught per job; joining only waits for it to return.
+            let _ = w.join();
+        }
+    }
+}
+
 fn worker(s: &Shared, index: usize) {
     let mut seen = 0;
     loop {
         let idle_since = Instant::now();
         let mut rounds = 0u32;
         loop {
+            if s.shutdown.load(SeqCst) {
+                return;
+            }
             let epoch = s.epoch.load(SeqCst);
             if epoch != seen {
                 seen = epoch;
@@ -130,7 +153,7 @@ fn worker(s: &Shared, index: usize) {
             } else {
                 let mut lock = s.sleep.lock().unwrap_or_else(|e| e.into_inner());
                 s.sleepers.fetch_add(1, SeqCst);
-                while s.epoch.load(SeqCst) == seen {
+                while s.epoch.load(SeqCst) == seen && !s.shutdown.load(SeqCst) {
                     lock = s.wake.wait(lock).unwrap_or_else(|e| e.into_inner());
                 }
                 s.sleepers.fetch_sub(1, SeqCst);
@@ -198,5 +221,16 @@ mod tests {
             count.fetch_add(1, SeqCst);
         });
         assert_eq!(count.load(SeqCst), 2);
+    }
+
+    #[test]
+    fn dropping_the_pool_stops_its_workers_awake_or_asleep() {
+        // Dropped while the workers spin, and after they have gone to sleep; `drop` joins
+        // them, so a worker that missed the shutdown would hang this test.
+        drop(SpinPool::new(3));
+        let pool = SpinPool::new(3);
+        pool.run(&|_| {});
+        std::thread::sleep(STAY_AWAKE * 3);
+        drop(pool);
     }
 }
