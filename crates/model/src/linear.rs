@@ -76,7 +76,8 @@ pub struct KernelOptions {
 /// What a layer with a low-rank branch does with it at run time.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum LowRankPath {
-    /// `⟨A_r, B·x⟩` added to each output row in the main product's pass.
+    /// `⟨A_r, B·x⟩` added to each output row within the main product's job, while the rows
+    /// are in cache.
     #[default]
     Fused,
     /// Down-projection, up-projection and addition as separate passes (the baseline the
