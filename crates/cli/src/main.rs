@@ -7,11 +7,17 @@ mod inspect;
 mod ppl;
 mod progress;
 mod quantize;
+mod residual;
 mod run;
 
-use anyhow::Result;
+use anyhow::{Result, anyhow};
 use clap::{Parser, Subcommand};
+use recoup_formats::hf::HfDir;
+use recoup_formats::native::METADATA_KEY;
+use recoup_formats::residual::{ResidualFile, Tier};
 use recoup_model::linear::{KernelOptions, LowRankPath};
+use recoup_model::qdec::{KChunk, QdecOptions, Select};
+use std::path::Path;
 
 #[derive(Parser)]
 #[command(
@@ -43,6 +49,8 @@ enum Command {
     Quantize(quantize::Args),
     /// Per-layer method, bits, bits per weight and layer-output error of a checkpoint.
     Inspect(inspect::Args),
+    /// Build QDEC's residual sidecar (4-bit, input-major) for a quantized checkpoint.
+    Residual(residual::Args),
 }
 
 fn main() {
@@ -67,6 +75,7 @@ fn real_main(cli: Cli) -> Result<()> {
         Command::Bench(a) => bench::main(a),
         Command::Quantize(a) => quantize::main(a),
         Command::Inspect(a) => inspect::main(a),
+        Command::Residual(a) => residual::main(a),
     }
 }
 
@@ -84,6 +93,41 @@ struct KernelArgs {
     /// Switch the low-rank branch off (same as --lowrank-path off).
     #[arg(long)]
     no_lowrank: bool,
+    /// QDEC: add the dynamic residual correction of this sidecar (built by `recoup residual`
+    /// for this checkpoint) to every layer it covers.
+    #[arg(long)]
+    qdec: Option<std::path::PathBuf>,
+    /// QDEC: channels corrected per 1024 input channels, per token: `K`, or `K` with
+    /// overrides per projection, e.g. `8,down=16` (qkv, o, gu, down).
+    #[arg(long, default_value = "8", requires = "qdec")]
+    qdec_k: String,
+    /// QDEC: how channels are chosen each token: exact top-k per chunk, the paper's
+    /// 32-bucket approximation, a static set from calibration, or random (the last two for
+    /// the ablation; bucket and static need a sidecar built with calibration text).
+    #[arg(long, value_enum, default_value = "exact", requires = "qdec")]
+    qdec_select: SelectArg,
+    /// QDEC: where the residual lives: its own RAM buffer, or read through a memory
+    /// mapping of the sidecar (paged in on demand).
+    #[arg(long, value_enum, default_value = "ram", requires = "qdec")]
+    qdec_tier: TierArg,
+    /// QDEC: also correct prompt positions, each with its own selection (serving corrects
+    /// decode steps only; `ppl` always corrects every position, as the paper measures).
+    #[arg(long, requires = "qdec")]
+    qdec_prefill: bool,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum SelectArg {
+    Exact,
+    Bucket,
+    Static,
+    Random,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum TierArg {
+    Ram,
+    Mmap,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -103,7 +147,63 @@ impl KernelArgs {
         KernelOptions {
             reference: self.reference_kernels,
             low_rank,
+            skip_qdec: false,
         }
+    }
+
+    fn qdec_options(&self) -> Result<QdecOptions> {
+        Ok(QdecOptions {
+            k_chunk: KChunk::parse(&self.qdec_k)?,
+            select: match self.qdec_select {
+                SelectArg::Exact => Select::Exact,
+                SelectArg::Bucket => Select::Bucket,
+                SelectArg::Static => Select::Static,
+                SelectArg::Random => Select::Random,
+            },
+            in_prefill: self.qdec_prefill,
+        })
+    }
+
+    /// Attaches `--qdec` to a model loaded from the checkpoint `path`.
+    fn attach_qdec(&self, model: &mut recoup_model::Model, path: &Path) -> Result<()> {
+        let Some(sidecar) = &self.qdec else {
+            return Ok(());
+        };
+        let options = self.qdec_options()?;
+        let file = ResidualFile::open(sidecar)?;
+        let meta = path
+            .is_dir()
+            .then(|| HfDir::open(path).ok())
+            .flatten()
+            .and_then(|d| d.metadata(METADATA_KEY).map(str::to_string))
+            .ok_or_else(|| {
+                anyhow!(
+                    "--qdec needs a recoup checkpoint (quantized with `recoup quantize`); {} is not one",
+                    path.display()
+                )
+            })?;
+        file.check_belongs_to(path, &meta)?;
+        let tier = match self.qdec_tier {
+            TierArg::Ram => Tier::Ram,
+            TierArg::Mmap => Tier::Mmap,
+        };
+        model.attach_qdec(&file, &options, tier)?;
+        let bytes = model.residual_bytes_per_token();
+        eprintln!(
+            "recoup: QDEC from {}: k_chunk {}, {} selection, residual in {}, {}; {:.2} MB of residual per decoded token (+{:.2} % of the weights' bytes)",
+            sidecar.display(),
+            options.k_chunk.describe(),
+            options.select.name(),
+            if tier == Tier::Ram { "RAM" } else { "a memory mapping" },
+            if options.in_prefill {
+                "every position corrected"
+            } else {
+                "decode steps corrected"
+            },
+            bytes as f64 / 1e6,
+            100.0 * bytes as f64 / model.weight_bytes_per_token() as f64
+        );
+        Ok(())
     }
 }
 
@@ -113,6 +213,7 @@ fn load_model(arg: &str, kernels: &KernelArgs) -> Result<recoup_model::Loaded> {
     let start = std::time::Instant::now();
     let mut loaded = recoup_model::load(&path)?;
     loaded.model.set_kernel_options(kernels.options());
+    kernels.attach_qdec(&mut loaded.model, &path)?;
     let c = &loaded.model.config;
     eprintln!(
         "recoup: loaded {} ({} {:?}, {} layers, d={}, {} params as f32) in {:.1}s",

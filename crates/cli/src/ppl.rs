@@ -37,7 +37,10 @@ pub fn main(args: Args) -> Result<()> {
     let text = std::fs::read_to_string(&text_path)
         .with_context(|| format!("cannot read text {}", text_path.display()))?;
     let text_sha256 = recoup_assets::sha256_file(&text_path)?;
-    let loaded = crate::load_model(&args.model, &args.kernels)?;
+    let mut kernels = args.kernels;
+    // Perplexity scores prompt positions only: QDEC corrects each as a decode step would.
+    kernels.qdec_prefill = true;
+    let loaded = crate::load_model(&args.model, &kernels)?;
     let tk = &loaded.tokenizer;
     let protocol = match args.protocol {
         ProtocolArg::Gptq => Protocol::Gptq,

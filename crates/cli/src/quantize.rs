@@ -1,7 +1,7 @@
 use anyhow::{Context, Result, bail};
 use recoup_formats::packed::FactorDtype;
 use recoup_quant::awq::Awq;
-use recoup_quant::calib::{CalibText, sample_windows};
+use recoup_quant::calib::{CalibText, CalibrationSet, sample_windows};
 use recoup_quant::gptq::{Gptq, GptqOptions};
 use recoup_quant::grid::Clip;
 use recoup_quant::lowrank::{Base, Branch, LowRankMethod, Training};
@@ -238,8 +238,35 @@ fn method(args: &Args, grid: GridChoice) -> Result<Box<dyn Method>> {
     })
 }
 
+/// Seeded windows from the calibration texts `names` (files or asset names).
+pub fn calibration_set(
+    names: &[String],
+    tokenizer: &recoup_model::Tokenizer,
+    nsamples: usize,
+    seqlen: usize,
+    seed: u64,
+) -> Result<CalibrationSet> {
+    let mut texts = Vec::new();
+    for name in names {
+        let path = recoup_assets::resolve(name, recoup_assets::AssetKind::Text)?;
+        let content = std::fs::read_to_string(&path)
+            .with_context(|| format!("cannot read calibration text {}", path.display()))?;
+        texts.push(CalibText {
+            name: name.clone(),
+            sha256: recoup_assets::sha256_file(&path)?,
+            content,
+        });
+    }
+    let set = sample_windows(&texts, tokenizer, nsamples, seqlen, seed)?;
+    eprintln!(
+        "recoup: calibrating on {nsamples} windows of {seqlen} tokens from {} (seed {seed})",
+        names.join(", "),
+    );
+    Ok(set)
+}
+
 /// sha256 of a model's weight files (the file itself, or a directory's safetensors).
-fn source_record(path: &Path) -> Result<serde_json::Value> {
+pub fn source_record(path: &Path) -> Result<serde_json::Value> {
     let mut files = Vec::new();
     if path.is_dir() {
         let mut names: Vec<PathBuf> = std::fs::read_dir(path)?
@@ -299,35 +326,16 @@ pub fn main(args: Args) -> Result<()> {
             method.name()
         );
     }
-    let calibration = if !no_calib {
-        let mut texts = Vec::new();
-        for name in &args.calib {
-            let path = recoup_assets::resolve(name, recoup_assets::AssetKind::Text)?;
-            let content = std::fs::read_to_string(&path)
-                .with_context(|| format!("cannot read calibration text {}", path.display()))?;
-            texts.push(CalibText {
-                name: name.clone(),
-                sha256: recoup_assets::sha256_file(&path)?,
-                content,
-            });
-        }
-        let set = sample_windows(
-            &texts,
+    let calibration = if no_calib {
+        None
+    } else {
+        Some(calibration_set(
+            &args.calib,
             &opened.tokenizer,
             args.nsamples,
             args.seqlen,
             args.seed,
-        )?;
-        eprintln!(
-            "recoup: calibrating on {} windows of {} tokens from {} (seed {})",
-            args.nsamples,
-            args.seqlen,
-            args.calib.join(", "),
-            args.seed
-        );
-        Some(set)
-    } else {
-        None
+        )?)
     };
     let job = Job {
         opened: &opened,

@@ -8,6 +8,7 @@ pub mod gguf;
 pub mod hf;
 pub mod native;
 pub mod packed;
+pub mod residual;
 
 use anyhow::Result;
 use half::{bf16, f16};

@@ -20,6 +20,11 @@ use std::path::Path;
 pub const FORMAT_VERSION: u32 = 1;
 /// The `__metadata__` key holding [`CheckpointMeta`] as JSON.
 pub const METADATA_KEY: &str = "recoup";
+/// Suffixes of the f32 tensors holding the channel scales AWQ folded around a packed layer
+/// `P`: `P.awq_input_scale` s (the layer stores `Q(W·diag(s))`), `P.awq_output_scale` t (it
+/// stores `Q(diag(1/t)·W)`). Only tools relating the layer to its source weights read them.
+pub const AWQ_INPUT_SCALE: &str = "awq_input_scale";
+pub const AWQ_OUTPUT_SCALE: &str = "awq_output_scale";
 
 /// How one linear layer was quantized.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]

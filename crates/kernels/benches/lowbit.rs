@@ -8,7 +8,7 @@ use half::f16;
 use recoup_formats::packed::{Factor, FactorDtype, GridSpec, PackedMatrix};
 use recoup_kernels::lowbit::{
     Isa, LowRankFactors, QuantizedActivation, TiledFactor, factor_matvec, factor_matvec_add,
-    packed_matvec, packed_matvec_low_rank,
+    Epilogue, packed_matvec, packed_matvec_low_rank,
 };
 use recoup_kernels::membw::stream_read_gbps;
 use std::time::Instant;
@@ -90,7 +90,7 @@ fn main() {
     for (bits, group) in [(2, 64), (3, 128), (4, 128), (4, 32), (8, 32)] {
         let m = matrix(&mut s, bits, group, rows, cols);
         for isa in Isa::available() {
-            let t = time(|| packed_matvec(&m, &act, &mut y, None, isa));
+            let t = time(|| packed_matvec(&m, &act, &mut y, Epilogue::default(), isa));
             let gbps = m.storage_bytes() as f64 / t / 1e9;
             println!(
                 "{:<10} {bits:>5} {group:>6} {:>10.1} {gbps:>8.1} {:>8.0}%",
@@ -102,7 +102,7 @@ fn main() {
     }
     let isa = Isa::best();
     let m = matrix(&mut s, 3, 128, rows, cols);
-    let plain = time(|| packed_matvec(&m, &act, &mut y, None, isa));
+    let plain = time(|| packed_matvec(&m, &act, &mut y, Epilogue::default(), isa));
     println!(
         "\nlow-rank branch on 3-bit g128 ({}): time added to {:.1} µs",
         isa.name(),
@@ -126,10 +126,10 @@ fn main() {
                 a: &tiled,
                 b: (&b).into(),
             };
-            let fused = time(|| packed_matvec_low_rank(&m, &act, &x, branch, &mut y, &mut v, isa));
+            let fused = time(|| packed_matvec_low_rank(&m, &act, &x, branch, None, &mut y, &mut v, isa));
             let unfused = time(|| {
                 factor_matvec(branch.b, &x, &mut v, isa);
-                packed_matvec(&m, &act, &mut y, None, isa);
+                packed_matvec(&m, &act, &mut y, Epilogue::default(), isa);
                 factor_matvec_add(&tiled, &v, &mut y, isa);
             });
             let (f, u) = (fused - plain, unfused - plain);

@@ -7,6 +7,7 @@ pub mod matmul;
 pub mod membw;
 pub mod ops;
 pub mod pool;
+pub mod qdec;
 
 /// A raw pointer that rayon tasks may share when each writes a disjoint region.
 #[derive(Clone, Copy)]

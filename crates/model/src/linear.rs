@@ -1,9 +1,15 @@
 //! The one abstraction every projection goes through. Quantized, low-rank and
 //! residual-compensated layers are further [`LinearOp`]s; the model never sees the difference.
 
+use crate::qdec::Compensation;
+use anyhow::{Result, bail};
+use rayon::prelude::*;
 use recoup_formats::packed::{LowRank, PackedLinear};
-use recoup_kernels::lowbit::{self, Isa, LowRankFactors, QuantizedActivation, TiledFactor};
+use recoup_kernels::lowbit::{
+    self, Epilogue, Isa, LowRankFactors, QuantizedActivation, TiledFactor,
+};
 use recoup_kernels::matmul::matmul_wt;
+use recoup_kernels::qdec::add_residual;
 use std::sync::Arc;
 
 /// `y[n×out] = x[n×in] · Wᵀ` for some representation of `W`.
@@ -18,6 +24,14 @@ pub trait LinearOp: Send + Sync {
     fn weight_bytes(&self) -> usize;
     /// Chooses among the layer's compute paths; layers with only one ignore it.
     fn set_options(&mut self, _options: KernelOptions) {}
+    /// Adds QDEC's dynamic residual correction to the layer's output.
+    fn attach_residual(&mut self, _residual: Compensation) -> Result<()> {
+        bail!("only packed (quantized) layers take a residual; this one is {}", self.kind())
+    }
+    /// Bytes of residual one decoded token reads (0 without QDEC).
+    fn residual_bytes(&self) -> usize {
+        0
+    }
 }
 
 /// A dense f32 weight `[out, in]`, shareable (a tied output head shares the embedding).
@@ -71,6 +85,8 @@ pub struct KernelOptions {
     /// kernels are checked against.
     pub reference: bool,
     pub low_rank: LowRankPath,
+    /// Leave QDEC's correction out (for measuring what it costs).
+    pub skip_qdec: bool,
 }
 
 /// What a layer with a low-rank branch does with it at run time.
@@ -99,6 +115,7 @@ pub struct PackedOp {
     a_tiled: Option<TiledFactor>,
     isa: Isa,
     options: KernelOptions,
+    qdec: Option<Compensation>,
 }
 
 impl PackedOp {
@@ -113,6 +130,7 @@ impl PackedOp {
             a_tiled,
             isa: Isa::best(),
             options: KernelOptions::default(),
+            qdec: None,
         }
     }
 
@@ -121,6 +139,10 @@ impl PackedOp {
             LowRankPath::Off => None,
             _ => self.packed.low_rank.as_ref(),
         }
+    }
+
+    fn active_qdec(&self) -> Option<&Compensation> {
+        self.qdec.as_ref().filter(|_| !self.options.skip_qdec)
     }
 
     /// `x` in the stored column order (GPTQ act-order permutes the columns).
@@ -136,24 +158,56 @@ impl PackedOp {
             .into()
     }
 
-    /// One token through the matrix-vector kernels.
-    fn matvec(&self, x: &[f32], x_stored: &[f32], act: &mut QuantizedActivation, y: &mut [f32]) {
+    /// One token through the matrix-vector kernels, QDEC's correction (when `correct`) in
+    /// the same pass.
+    fn matvec(
+        &self,
+        x: &[f32],
+        x_stored: &[f32],
+        act: &mut QuantizedActivation,
+        correct: bool,
+        y: &mut [f32],
+    ) {
         let (m, isa) = (&self.packed.matrix, self.isa);
         act.requantize(x_stored);
+        let qdec = self.qdec.as_ref().filter(|_| correct);
+        let selected = qdec.map(|q| q.select(x));
+        let residual = qdec.zip(selected.as_ref()).map(|(q, s)| q.epilogue(s));
         let Some(lr) = self.low_rank() else {
-            return lowbit::packed_matvec(m, act, y, None, isa);
+            let epilogue = Epilogue {
+                low_rank: None,
+                residual,
+            };
+            return lowbit::packed_matvec(m, act, y, epilogue, isa);
         };
         let mut v = vec![0f32; lr.rank];
         let a = self.a_tiled.as_ref().expect("tiled with the branch");
         let b = (&lr.b).into();
         if self.options.low_rank == LowRankPath::Unfused {
             lowbit::factor_matvec(b, x, &mut v, isa);
-            lowbit::packed_matvec(m, act, y, None, isa);
+            let epilogue = Epilogue {
+                low_rank: None,
+                residual,
+            };
+            lowbit::packed_matvec(m, act, y, epilogue, isa);
             lowbit::factor_matvec_add(a, &v, y, isa);
         } else {
             let branch = LowRankFactors { a, b };
-            lowbit::packed_matvec_low_rank(m, act, x, branch, y, &mut v, isa);
+            lowbit::packed_matvec_low_rank(m, act, x, branch, residual, y, &mut v, isa);
         }
+    }
+
+    /// QDEC's correction of each of `n` tokens after a multi-token product, a token per
+    /// task (each selects its own channels, as the paper's perplexity protocol does).
+    fn correct_each(&self, x: &[f32], y: &mut [f32], isa: Isa) {
+        let Some(q) = &self.qdec else { return };
+        let (cols, rows) = (self.in_features(), self.out_features());
+        y.par_chunks_mut(rows)
+            .zip(x.par_chunks(cols))
+            .for_each(|(yt, xt)| {
+                let selected = q.select(xt);
+                add_residual(q.epilogue(&selected), 0, yt, isa);
+            });
     }
 }
 
@@ -168,6 +222,7 @@ impl LinearOp for PackedOp {
 
     fn forward(&self, x: &[f32], n: usize, y: &mut [f32]) {
         let (cols, rows) = (self.in_features(), self.out_features());
+        let correct = self.active_qdec().is_some_and(|q| q.applies(n));
         if self.options.reference {
             matmul_wt(x, &self.packed.dequantize(), y, n, cols, rows);
         } else if n <= MATVEC_MAX_TOKENS {
@@ -176,7 +231,7 @@ impl LinearOp for PackedOp {
             for t in 0..n {
                 let span = t * cols..(t + 1) * cols;
                 let yt = &mut y[t * rows..(t + 1) * rows];
-                self.matvec(&x[span.clone()], &x_stored[span], &mut act, yt);
+                self.matvec(&x[span.clone()], &x_stored[span], &mut act, correct, yt);
             }
             return;
         } else {
@@ -189,6 +244,14 @@ impl LinearOp for PackedOp {
             let mut branch = vec![0f32; n * rows];
             matmul_wt(&xb, &lr.a_f32(), &mut branch, n, lr.rank, rows);
             y.iter_mut().zip(&branch).for_each(|(y, v)| *y += v);
+        }
+        if correct {
+            let isa = if self.options.reference {
+                Isa::Scalar
+            } else {
+                self.isa
+            };
+            self.correct_each(x, &mut y[..n * rows], isa);
         }
     }
 
@@ -203,7 +266,11 @@ impl LinearOp for PackedOp {
         let rank = self.packed.low_rank.as_ref().map_or(String::new(), |l| {
             format!(", rank {} {}", l.rank, l.a.dtype().name())
         });
-        format!("{}-bit g{} {sym}{order}{rank}", s.bits, s.group)
+        let qdec = self
+            .qdec
+            .as_ref()
+            .map_or(String::new(), |q| format!(", {}", q.describe()));
+        format!("{}-bit g{} {sym}{order}{rank}{qdec}", s.bits, s.group)
     }
 
     fn weight_bytes(&self) -> usize {
@@ -218,6 +285,25 @@ impl LinearOp for PackedOp {
 
     fn set_options(&mut self, options: KernelOptions) {
         self.options = options;
+    }
+
+    fn attach_residual(&mut self, residual: Compensation) -> Result<()> {
+        let (rows, cols) = (self.out_features(), self.in_features());
+        if (residual.rows(), residual.cols()) != (rows, cols) {
+            bail!(
+                "the residual is [{}, {}], the layer [{rows}, {cols}]",
+                residual.rows(),
+                residual.cols()
+            );
+        }
+        self.qdec = Some(residual);
+        Ok(())
+    }
+
+    fn residual_bytes(&self) -> usize {
+        self.active_qdec()
+            .filter(|q| q.applies(1))
+            .map_or(0, Compensation::bytes_per_token)
     }
 }
 

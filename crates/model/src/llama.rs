@@ -4,8 +4,10 @@
 use crate::config::ModelConfig;
 use crate::kv_cache::KvCache;
 use crate::linear::{DenseF32, KernelOptions, Linear, PackedOp};
-use anyhow::{Result, anyhow, bail};
+use crate::qdec::{Compensation, QdecOptions};
+use anyhow::{Context, Result, anyhow, bail};
 use recoup_formats::TensorSource;
+use recoup_formats::residual::{ResidualFile, Tier};
 use recoup_kernels::attention::{AttentionShape, causal_attention};
 use recoup_kernels::ops::{RopeTable, rms_norm, silu_mul};
 use std::sync::Arc;
@@ -84,7 +86,7 @@ impl Reader<'_> {
 }
 
 /// Where a block's linear layers read their input: q/k/v share one, gate/up share one.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Site {
     Qkv,
     O,
@@ -92,7 +94,32 @@ pub enum Site {
     Down,
 }
 
+/// A block's linear layers: module path (under `model.layers.N.`) and input site, in the
+/// order of [`Block::linears_mut`].
+pub const BLOCK_LINEARS: [(&str, Site); 7] = [
+    ("self_attn.q_proj", Site::Qkv),
+    ("self_attn.k_proj", Site::Qkv),
+    ("self_attn.v_proj", Site::Qkv),
+    ("self_attn.o_proj", Site::O),
+    ("mlp.gate_proj", Site::GateUp),
+    ("mlp.up_proj", Site::GateUp),
+    ("mlp.down_proj", Site::Down),
+];
+
 impl Block {
+    /// The linear layers, in the order of [`BLOCK_LINEARS`].
+    pub fn linears_mut(&mut self) -> [&mut Linear; 7] {
+        [
+            &mut self.q,
+            &mut self.k,
+            &mut self.v,
+            &mut self.o,
+            &mut self.gate,
+            &mut self.up,
+            &mut self.down,
+        ]
+    }
+
     /// Reads decoder block `layer` from `source`.
     pub fn load(config: &ModelConfig, source: &dyn TensorSource, layer: usize) -> Result<Self> {
         let (c, r, d) = (config, Reader { source }, config.hidden_size);
@@ -224,6 +251,17 @@ impl Model {
     /// Runs `tokens` at the positions after those in `cache`, appends them to the cache, and
     /// returns the final-normed hidden states (`tokens.len()` rows of `hidden_size`).
     pub fn forward(&self, tokens: &[u32], cache: &mut KvCache) -> Result<Vec<f32>> {
+        self.forward_tapped(tokens, cache, &mut |_, _, _| {})
+    }
+
+    /// [`Self::forward`], showing `tap` each block's distinct linear inputs (block index,
+    /// site, `tokens.len()` rows) as they are computed.
+    pub fn forward_tapped(
+        &self,
+        tokens: &[u32],
+        cache: &mut KvCache,
+        tap: &mut dyn FnMut(usize, Site, &[f32]),
+    ) -> Result<Vec<f32>> {
         let c = &self.config;
         let (t, d, p0) = (tokens.len(), c.hidden_size, cache.len());
         if p0 + t > c.max_position {
@@ -244,7 +282,9 @@ impl Model {
         let rope = RopeTable::new(&self.inv_freq, p0, t);
         for (layer, block) in self.blocks.iter().enumerate() {
             let (k, v) = cache.layer_mut(layer);
-            block.forward(c, &mut x, t, k, v, p0, &rope, &mut |_, _| {});
+            block.forward(c, &mut x, t, k, v, p0, &rope, &mut |site, x| {
+                tap(layer, site, x)
+            });
         }
         cache.advance(t);
         let mut out = vec![0f32; t * d];
@@ -292,19 +332,60 @@ impl Model {
     /// Chooses the compute path of every packed layer.
     pub fn set_kernel_options(&mut self, options: KernelOptions) {
         for b in &mut self.blocks {
-            for l in [
-                &mut b.q,
-                &mut b.k,
-                &mut b.v,
-                &mut b.o,
-                &mut b.gate,
-                &mut b.up,
-                &mut b.down,
-            ] {
+            for l in b.linears_mut() {
                 l.op.set_options(options);
             }
         }
         self.lm_head.op.set_options(options);
+    }
+
+    /// Attaches QDEC's residual correction from `file` to every layer it covers; errors name
+    /// the file and layer (missing selector data, mismatched shapes, layers this model lacks).
+    pub fn attach_qdec(
+        &mut self,
+        file: &ResidualFile,
+        options: &QdecOptions,
+        tier: Tier,
+    ) -> Result<()> {
+        let path = file.path().display().to_string();
+        let mut attached = 0;
+        for (layer, block) in self.blocks.iter_mut().enumerate() {
+            for ((module, site), linear) in BLOCK_LINEARS.iter().zip(block.linears_mut()) {
+                let prefix = block_tensor_name(layer, module);
+                let Some(residual) = file.layer(&prefix, tier)? else {
+                    continue;
+                };
+                let k = options.k_chunk.for_site(*site);
+                Compensation::new(residual, k, options.select, options.in_prefill)
+                    .and_then(|c| linear.op.attach_residual(c))
+                    .with_context(|| format!("{path}: {prefix}"))?;
+                attached += 1;
+            }
+        }
+        if attached < file.meta.layers.len() {
+            let extra = file
+                .meta
+                .layers
+                .keys()
+                .find(|p| !self.has_linear(p))
+                .cloned()
+                .unwrap_or_default();
+            bail!("{path}: holds residuals for layers this model does not have ({extra})");
+        }
+        Ok(())
+    }
+
+    fn has_linear(&self, prefix: &str) -> bool {
+        (0..self.blocks.len()).any(|layer| {
+            BLOCK_LINEARS
+                .iter()
+                .any(|(m, _)| block_tensor_name(layer, m) == prefix)
+        })
+    }
+
+    /// Bytes of QDEC residual one decoded token reads.
+    pub fn residual_bytes_per_token(&self) -> usize {
+        self.block_linears().map(|l| l.op.residual_bytes()).sum()
     }
 
     /// Bytes of weights one decoded token reads (every linear layer and the head).

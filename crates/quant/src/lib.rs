@@ -10,4 +10,5 @@ pub mod grid;
 pub mod lowrank;
 pub mod method;
 pub mod pipeline;
+pub mod residual;
 pub mod rtn;

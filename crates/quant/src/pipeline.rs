@@ -15,9 +15,10 @@ use crate::method::{BlockWeights, DenseLinear, LinearName, Method, QuantizedLine
 use anyhow::{Context, Result, anyhow, bail};
 use recoup_formats::hf::HfDir;
 use recoup_formats::native::{
-    CheckpointMeta, FORMAT_VERSION, LayerRecord, METADATA_KEY, StoredTensor, packed_tensors,
-    write_safetensors,
+    AWQ_INPUT_SCALE, AWQ_OUTPUT_SCALE, CheckpointMeta, FORMAT_VERSION, LayerRecord, METADATA_KEY,
+    StoredTensor, packed_tensors, write_safetensors,
 };
+use safetensors::Dtype;
 use recoup_formats::packed::{GridSpec, PackedLinear};
 use recoup_formats::{DenseDtype, TensorSource, atomic};
 use recoup_kernels::ops::RopeTable;
@@ -273,7 +274,21 @@ fn block_tensors(
         let prefix = n(name.module());
         let l = weights.linear(name);
         match quantized.iter().find(|(q, _)| *q == name) {
-            Some((_, q)) => out.extend(packed_tensors(&prefix, &q.packed)),
+            Some((_, q)) => {
+                out.extend(packed_tensors(&prefix, &q.packed));
+                // The scales AWQ folded around the layer: what a residual sidecar needs to
+                // express the reference weights in the basis the layer was quantized in.
+                for (part, scale) in [
+                    (AWQ_INPUT_SCALE, &q.input_scale),
+                    (AWQ_OUTPUT_SCALE, &q.output_scale),
+                ] {
+                    if let Some(s) = scale {
+                        let bytes = DenseDtype::F32.encode(s);
+                        let t = StoredTensor::owned(Dtype::F32, vec![s.len()], bytes);
+                        out.push((format!("{prefix}.{part}"), t));
+                    }
+                }
+            }
             None => out.push(dense(
                 format!("{prefix}.weight"),
                 vec![l.rows, l.cols],

@@ -29,6 +29,7 @@ pub mod reference;
 mod x86;
 
 use crate::SharedMut;
+use crate::qdec::{ResidualEpilogue, add_residual};
 use half::f16;
 use rayon::prelude::*;
 use recoup_formats::packed::{BLOCK, Factor, PackedMatrix};
@@ -278,6 +279,33 @@ impl LowRankEpilogue<'_> {
     }
 }
 
+/// What is added to output rows in the same pass as the main product, while they are in
+/// L1: the low-rank up-projection, QDEC's residual correction, both or neither.
+#[derive(Clone, Copy, Default)]
+pub struct Epilogue<'a> {
+    pub low_rank: Option<LowRankEpilogue<'a>>,
+    pub residual: Option<ResidualEpilogue<'a>>,
+}
+
+impl<'a> Epilogue<'a> {
+    pub fn low_rank(e: LowRankEpilogue<'a>) -> Self {
+        Self {
+            low_rank: Some(e),
+            residual: None,
+        }
+    }
+
+    /// Adds both parts to `y`, outputs `r0…`.
+    fn apply(&self, r0: usize, y: &mut [f32], isa: Isa) {
+        if let Some(e) = self.low_rank {
+            add_low_rank(e, r0, y, isa);
+        }
+        if let Some(e) = self.residual {
+            add_residual(e, r0, y, isa);
+        }
+    }
+}
+
 /// `⟨A_r, v⟩` for the 8 rows of tile `t`.
 pub fn tile_dots(a: &TiledFactor, t: usize, v: &[f32], isa: Isa) -> [f32; TILE_ROWS] {
     assert!(t * TILE_ROWS < a.rows && v.len() == a.rank, "tile {t} of A");
@@ -308,14 +336,15 @@ pub fn add_low_rank(e: LowRankEpilogue, r0: usize, y: &mut [f32], isa: Isa) {
 }
 
 /// `y[i] = ⟨packed row r0 + i, x⟩` (+ the epilogue) for `i < y.len()`, on the calling thread.
-/// Parallel callers start parts on multiples of 16 rows, so the epilogue's tiles align.
+/// Parallel callers start parts on multiples of 16 rows, so the epilogue's tiles and the
+/// residual's bytes (two outputs each) align.
 pub fn packed_rows(
     m: &PackedMatrix,
     act: &QuantizedActivation,
     group_sums: &[f32],
     r0: usize,
     y: &mut [f32],
-    epilogue: Option<LowRankEpilogue>,
+    epilogue: Epilogue,
     isa: Isa,
 ) {
     assert_eq!(
@@ -325,7 +354,7 @@ pub fn packed_rows(
     );
     assert!(r0 + y.len() <= m.rows, "rows out of range");
     assert_eq!(group_sums.len(), m.groups_per_row(), "group sums vs groups");
-    if let Some(e) = &epilogue {
+    if let Some(e) = &epilogue.low_rank {
         e.check(m.rows);
     }
     match isa {
@@ -340,10 +369,8 @@ pub fn packed_rows(
         #[cfg(not(target_arch = "x86_64"))]
         _ => reference::packed_rows(m, act, group_sums, r0, y),
     }
-    // The rows just written are still in L1: the branch costs no pass over memory.
-    if let Some(e) = epilogue {
-        add_low_rank(e, r0, y, isa);
-    }
+    // The rows just written are still in L1: the epilogue costs no pass over them.
+    epilogue.apply(r0, y, isa);
 }
 
 /// Below this many weights a product runs on the calling thread alone.
@@ -374,7 +401,7 @@ pub fn packed_matvec(
     m: &PackedMatrix,
     act: &QuantizedActivation,
     y: &mut [f32],
-    epilogue: Option<LowRankEpilogue>,
+    epilogue: Epilogue,
     isa: Isa,
 ) {
     assert_eq!(y.len(), m.rows, "output length vs matrix rows");
@@ -388,12 +415,15 @@ pub fn packed_matvec(
 /// computes its share of `v = B·x`, waits at a barrier until all of `v` is there, then
 /// computes its rows of the main product and adds `⟨A_r, v⟩` to them while they are in L1.
 /// `x` is the activation in f32 (the branch's input, original column order), `act` the
-/// same activation quantized in the matrix's stored order.
+/// same activation quantized in the matrix's stored order; `residual`, QDEC's correction,
+/// joins the epilogue.
+#[allow(clippy::too_many_arguments)]
 pub fn packed_matvec_low_rank(
     m: &PackedMatrix,
     act: &QuantizedActivation,
     x: &[f32],
     branch: LowRankFactors,
+    residual: Option<ResidualEpilogue>,
     y: &mut [f32],
     v: &mut [f32],
     isa: Isa,
@@ -417,8 +447,8 @@ pub fn packed_matvec_low_rank(
     let threads = pool.threads();
     if threads == 1 || m.rows * m.cols < MIN_PARALLEL_WEIGHTS {
         factor_matvec(b, x, v, isa);
-        let epilogue = LowRankEpilogue { a, v };
-        return packed_rows(m, act, &sums, 0, y, Some(epilogue), isa);
+        let low_rank = Some(LowRankEpilogue { a, v });
+        return packed_rows(m, act, &sums, 0, y, Epilogue { low_rank, residual }, isa);
     }
     let (v_base, y_base) = (SharedMut(v.as_mut_ptr()), SharedMut(y.as_mut_ptr()));
     let arrived = AtomicUsize::new(0);
@@ -439,7 +469,8 @@ pub fn packed_matvec_low_rank(
         let (r0, r1) = crate::pool::part_range(m.rows, threads, part, 16);
         // SAFETY: parts are disjoint ranges of `y`, which outlives `run`.
         let mine = unsafe { std::slice::from_raw_parts_mut(y_base.get().add(r0), r1 - r0) };
-        packed_rows(m, act, &sums, r0, mine, Some(LowRankEpilogue { a, v }), isa);
+        let low_rank = Some(LowRankEpilogue { a, v });
+        packed_rows(m, act, &sums, r0, mine, Epilogue { low_rank, residual }, isa);
     });
 }
 

@@ -109,10 +109,10 @@ fn simd_rows_match_the_scalar_twin_for_every_format() {
         let act = QuantizedActivation::quantize(&random_activation(&mut rng, cols));
         let sums = act.group_sums(group);
         let mut want = vec![0f32; rows];
-        packed_rows(&m, &act, &sums, 0, &mut want, None, Isa::Scalar);
+        packed_rows(&m, &act, &sums, 0, &mut want, Epilogue::default(), Isa::Scalar);
         for isa in Isa::available() {
             let mut got = vec![f32::NAN; rows];
-            packed_rows(&m, &act, &sums, 0, &mut got, None, isa);
+            packed_rows(&m, &act, &sums, 0, &mut got, Epilogue::default(), isa);
             for r in 0..rows {
                 let tol = 1e-5 * magnitude(&m, &act, r);
                 assert!(
@@ -126,7 +126,7 @@ fn simd_rows_match_the_scalar_twin_for_every_format() {
             // A sub-range of rows gives the same values as the whole.
             let mut part = vec![f32::NAN; rows.min(2)];
             let r0 = rows - part.len();
-            packed_rows(&m, &act, &sums, r0, &mut part, None, isa);
+            packed_rows(&m, &act, &sums, r0, &mut part, Epilogue::default(), isa);
             assert_eq!(part, got[r0..]);
         }
     }
@@ -147,7 +147,7 @@ fn scalar_twin_is_the_f32_product_up_to_the_activation_rounding() {
             &act.group_sums(group),
             0,
             &mut y,
-            None,
+            Epilogue::default(),
             Isa::Scalar,
         );
         let w = m.dequantize();
@@ -253,17 +253,17 @@ fn fused_epilogue_equals_the_unfused_passes() {
             let tiled = TiledFactor::new((&a).into(), rows, rank);
             let (af, bf) = (&tiled, (&b).into());
             let branch = LowRankFactors { a: af, b: bf };
-            packed_matvec_low_rank(&m, &act, &x, branch, &mut fused, &mut v, isa);
+            packed_matvec_low_rank(&m, &act, &x, branch, None, &mut fused, &mut v, isa);
             // The same as the single-threaded row kernel with an explicit epilogue.
             let mut rows_only = vec![0f32; rows];
             let epilogue = LowRankEpilogue { a: af, v: &v };
             let sums = act.group_sums(128);
-            packed_rows(&m, &act, &sums, 0, &mut rows_only, Some(epilogue), isa);
+            packed_rows(&m, &act, &sums, 0, &mut rows_only, Epilogue::low_rank(epilogue), isa);
             assert_eq!(fused, rows_only, "{}", isa.name());
             let mut v = vec![0f32; rank];
             factor_matvec(bf, &x, &mut v, isa);
             let mut unfused = vec![0f32; rows];
-            packed_matvec(&m, &act, &mut unfused, None, isa);
+            packed_matvec(&m, &act, &mut unfused, Epilogue::default(), isa);
             factor_matvec_add(&tiled, &v, &mut unfused, isa);
             // Up to the rounding of one addition per row.
             for (f, u) in fused.iter().zip(&unfused) {
@@ -272,7 +272,7 @@ fn fused_epilogue_equals_the_unfused_passes() {
             // And the branch is really there: (A·B)·x from f32 factors.
             let (af, bf) = (a.to_f32(), b.to_f32());
             let mut plain = vec![0f32; rows];
-            packed_matvec(&m, &act, &mut plain, None, isa);
+            packed_matvec(&m, &act, &mut plain, Epilogue::default(), isa);
             for r in 0..rows {
                 let branch: f32 = (0..rank)
                     .map(|k| {
@@ -296,9 +296,9 @@ fn threaded_product_equals_the_row_kernel() {
     let act = QuantizedActivation::quantize(&random_activation(&mut rng, 896));
     for isa in Isa::available() {
         let mut whole = vec![0f32; m.rows];
-        packed_rows(&m, &act, &act.group_sums(128), 0, &mut whole, None, isa);
+        packed_rows(&m, &act, &act.group_sums(128), 0, &mut whole, Epilogue::default(), isa);
         let mut threaded = vec![0f32; m.rows];
-        packed_matvec(&m, &act, &mut threaded, None, isa);
+        packed_matvec(&m, &act, &mut threaded, Epilogue::default(), isa);
         assert_eq!(whole, threaded, "{}", isa.name());
     }
 }
@@ -323,6 +323,59 @@ fn prefill_tiles_equal_the_dequantized_product() {
                 (a - b).abs() <= 1e-4 * (1.0 + b.abs()),
                 "{bits}-bit: {a} vs {b}"
             );
+        }
+    }
+}
+
+#[test]
+fn residual_in_the_epilogue_equals_a_separate_pass() {
+    use crate::qdec::{ResidualEpilogue, ResidualRef, add_residual, select_exact};
+    let mut rng = StdRng::seed_from_u64(8);
+    // Large enough to be split across the pool's threads.
+    let (rows, cols, rank) = (1000, 576, 8);
+    let m = random_matrix(&mut rng, GridSpec::new(4, 64, false).unwrap(), rows, cols);
+    let a = random_factor(&mut rng, rows, rank, FactorDtype::F16);
+    let b = random_factor(&mut rng, rank, cols, FactorDtype::F16);
+    let levels: Vec<i8> = (0..rows * cols).map(|_| rng.random_range(-7..=7)).collect();
+    let codes = recoup_formats::residual::pack_input_major(&levels, rows, cols);
+    let scales: Vec<f32> = (0..rows).map(|_| rng.random_range(0.001..0.01)).collect();
+    let x = random_activation(&mut rng, cols);
+    let act = QuantizedActivation::quantize(&x);
+    let mut channels = Vec::new();
+    select_exact(&x, 32, &mut Vec::new(), &mut channels);
+    let xs: Vec<f32> = channels.iter().map(|&i| x[i as usize]).collect();
+    let residual = ResidualEpilogue {
+        residual: ResidualRef {
+            codes: &codes,
+            scales: &scales,
+        },
+        channels: &channels,
+        x: &xs,
+    };
+    let tiled = TiledFactor::new((&a).into(), rows, rank);
+    for isa in Isa::available() {
+        let some = Some(residual);
+        let mut plain = vec![0f32; rows];
+        packed_matvec(&m, &act, &mut plain, Epilogue::default(), isa);
+        let mut fused = vec![0f32; rows];
+        let epilogue = Epilogue { low_rank: None, residual: some };
+        packed_matvec(&m, &act, &mut fused, epilogue, isa);
+        let mut separate = plain.clone();
+        add_residual(residual, 0, &mut separate, isa);
+        // Threads' slices start elsewhere, so a few outputs take the scalar tail (no FMA).
+        for (f, s) in fused.iter().zip(&separate) {
+            assert!((f - s).abs() <= 1e-6 * (1.0 + s.abs()), "{}: {f} vs {s}", isa.name());
+        }
+        assert!(fused != plain, "the correction changed the output");
+        // With the low-rank branch too: the same as without the residual, plus it.
+        let branch = LowRankFactors { a: &tiled, b: (&b).into() };
+        let (mut with, mut without) = (vec![0f32; rows], vec![0f32; rows]);
+        let mut v = vec![0f32; rank];
+        packed_matvec_low_rank(&m, &act, &x, branch, some, &mut with, &mut v, isa);
+        packed_matvec_low_rank(&m, &act, &x, branch, None, &mut without, &mut v, isa);
+        add_residual(residual, 0, &mut without, isa);
+        for (w, s) in with.iter().zip(&without) {
+            assert!((w - s).abs() <= 1e-6 * (1.0 + w.abs()), "{w} vs {s}");
         }
     }
 }

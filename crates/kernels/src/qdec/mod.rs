@@ -1,0 +1,227 @@
+//! QDEC's run-time half (papers.md part B): pick the salient input channels of the current
+//! activation, `k_chunk` per 1024-channel chunk, and add their residuals to the output:
+//!
+//! ```text
+//! y_o += scale_o · Σ_{i∈S} x_i · level(i, o)
+//! ```
+//!
+//! The residual is stored input-major (`recoup_formats::residual`), so one selected channel
+//! is one contiguous run of `rows/2` bytes. The per-row scale factors out of the sum, so the
+//! kernel accumulates `x_i · level` over the selected channels for a slice of outputs (in L1)
+//! and multiplies by the scales once. Threads own disjoint output slices and read the
+//! matching span of every selected run: no atomics, sequential reads within each run.
+//!
+//! Selection: exact top-k per chunk (quickselect, the CPU's natural choice), the paper's
+//! 32-bucket approximation with two calibrated thresholds, and, for the ablation, a static
+//! set (exact top-k of a calibration statistic, computed once) or a random one.
+
+pub mod reference;
+#[cfg(test)]
+mod tests;
+#[cfg(target_arch = "x86_64")]
+mod x86;
+
+use crate::lowbit::Isa;
+
+/// Channels per selection chunk.
+pub const CHUNK: usize = 1024;
+/// Buckets of the approximate selector.
+pub const BUCKETS: usize = 32;
+
+/// Channels selected in a chunk of `len` channels (a partial last chunk gets its share,
+/// rounded down).
+pub fn chunk_budget(k_chunk: usize, len: usize) -> usize {
+    (k_chunk * len / CHUNK).min(len)
+}
+
+/// Channels selected over a vector of `n`.
+pub fn total_budget(k_chunk: usize, n: usize) -> usize {
+    (0..n)
+        .step_by(CHUNK)
+        .map(|c0| chunk_budget(k_chunk, (n - c0).min(CHUNK)))
+        .sum()
+}
+
+/// Indices of the `k_chunk` largest `|x_i|` of every chunk, appended to `out` chunk by chunk
+/// (in no particular order within a chunk). `scratch` is reused between calls.
+pub fn select_exact(x: &[f32], k_chunk: usize, scratch: &mut Vec<u32>, out: &mut Vec<u32>) {
+    for (c, chunk) in x.chunks(CHUNK).enumerate() {
+        let k = chunk_budget(k_chunk, chunk.len());
+        if k == 0 {
+            continue;
+        }
+        scratch.clear();
+        scratch.extend((0..chunk.len() as u32).map(|i| i + (c * CHUNK) as u32));
+        if k < chunk.len() {
+            // Larger |x| first; NaN-free inputs (activations of a finite model).
+            scratch.select_nth_unstable_by(k - 1, |&a, &b| {
+                x[b as usize].abs().total_cmp(&x[a as usize].abs())
+            });
+        }
+        out.extend_from_slice(&scratch[..k]);
+    }
+}
+
+/// The paper's bucket floors from two calibrated magnitudes: `t_a`, the largest |x| seen,
+/// and `t_b`, the largest k-th largest |x| seen (k the layer's whole budget). Floors 0…15
+/// are evenly spaced from `t_a` down to `t_b`, floors 16…31 from `15/16·t_b` down to 0;
+/// bucket `b` holds `[floor_b, floor_{b−1})`, bucket 0 everything from `t_a` up.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct BucketFloors {
+    pub floors: [f32; BUCKETS],
+}
+
+impl BucketFloors {
+    pub fn new(t_a: f32, t_b: f32) -> Self {
+        let t_b = t_b.clamp(0.0, t_a);
+        let mut floors = [0f32; BUCKETS];
+        for (b, f) in floors.iter_mut().enumerate() {
+            *f = if b < 16 {
+                t_a + (t_b - t_a) * b as f32 / 15.0
+            } else {
+                t_b * (31 - b) as f32 / 16.0
+            };
+        }
+        Self { floors }
+    }
+
+    /// The bucket of a magnitude: the first whose floor it reaches.
+    pub fn bucket(&self, v: f32) -> usize {
+        // The floors are monotone, so a binary search finds the first one ≤ v.
+        self.floors.partition_point(|&f| f > v).min(BUCKETS - 1)
+    }
+}
+
+/// Scratch of the bucket selector: up to `k` members per bucket, recorded first-come.
+#[derive(Default)]
+pub struct BucketScratch {
+    members: Vec<Vec<u32>>,
+}
+
+/// The paper's approximate per-chunk top-k: every element goes to its bucket (each records
+/// up to `k` members, first-come); buckets are taken whole from the largest down while they
+/// fit, then the first recorded members of the boundary bucket fill the budget exactly.
+/// Everything selected is at least everything not selected, except within that bucket.
+pub fn select_bucket(
+    x: &[f32],
+    k_chunk: usize,
+    floors: &BucketFloors,
+    scratch: &mut BucketScratch,
+    out: &mut Vec<u32>,
+) {
+    scratch.members.resize_with(BUCKETS, Vec::new);
+    for (c, chunk) in x.chunks(CHUNK).enumerate() {
+        let k = chunk_budget(k_chunk, chunk.len());
+        if k == 0 {
+            continue;
+        }
+        scratch.members.iter_mut().for_each(Vec::clear);
+        for (i, v) in chunk.iter().enumerate() {
+            let b = &mut scratch.members[floors.bucket(v.abs())];
+            if b.len() < k {
+                b.push((c * CHUNK + i) as u32);
+            }
+        }
+        let mut left = k;
+        for b in &scratch.members {
+            let take = b.len().min(left);
+            out.extend_from_slice(&b[..take]);
+            left -= take;
+            if left == 0 {
+                break;
+            }
+        }
+    }
+}
+
+/// `k_chunk` distinct uniformly random channels per chunk (the ablation's baseline), from
+/// `seed` (callers vary it per call).
+pub fn select_random(n: usize, k_chunk: usize, seed: u64, out: &mut Vec<u32>) {
+    let mut state = seed;
+    // SplitMix64: tiny, fast, and plenty random for picking channels.
+    let mut next = move || {
+        state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = state;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    };
+    for c0 in (0..n).step_by(CHUNK) {
+        let len = (n - c0).min(CHUNK);
+        let k = chunk_budget(k_chunk, len);
+        // Floyd's algorithm: k distinct values of 0..len in k draws.
+        let start = out.len();
+        for j in len - k..len {
+            let t = (next() % (j as u64 + 1)) as usize;
+            let pick = if out[start..].contains(&((c0 + t) as u32)) {
+                j
+            } else {
+                t
+            };
+            out.push((c0 + pick) as u32);
+        }
+    }
+}
+
+/// A layer's 4-bit residual as the kernel reads it: `codes` `[cols, rows/2]` input-major
+/// (see `recoup_formats::residual`), `scales` one per output row.
+#[derive(Clone, Copy)]
+pub struct ResidualRef<'a> {
+    pub codes: &'a [u8],
+    pub scales: &'a [f32],
+}
+
+impl ResidualRef<'_> {
+    pub fn rows(&self) -> usize {
+        self.scales.len()
+    }
+
+    /// The packed run of input channel `i`.
+    pub fn run(&self, i: usize) -> &[u8] {
+        let half = self.rows() / 2;
+        &self.codes[i * half..(i + 1) * half]
+    }
+}
+
+/// The correction added to a layer's output: selected channels and their activations.
+#[derive(Clone, Copy)]
+pub struct ResidualEpilogue<'a> {
+    pub residual: ResidualRef<'a>,
+    pub channels: &'a [u32],
+    /// `x_i` of each selected channel, in the same order.
+    pub x: &'a [f32],
+}
+
+/// Outputs accumulated per pass: the accumulators stay in L1 while every selected run is
+/// read over the slice.
+pub(crate) const SLICE: usize = 1024;
+
+/// `y[j] += scale_o · Σ_{i∈S} x_i · level(i, o)` for outputs `o = r0 + j`. `r0` is even (a
+/// byte holds two outputs), and the slice ends on an even output or at the last row.
+pub fn add_residual(e: ResidualEpilogue, r0: usize, y: &mut [f32], isa: Isa) {
+    let rows = e.residual.rows();
+    assert!(
+        r0.is_multiple_of(2) && r0 + y.len() <= rows && rows.is_multiple_of(2),
+        "residual outputs {r0}..{} of {rows}",
+        r0 + y.len()
+    );
+    assert!(
+        (r0 + y.len()).is_multiple_of(2),
+        "residual slice ends mid-byte"
+    );
+    assert_eq!(e.channels.len(), e.x.len(), "selected channels vs values");
+    let cols = e.residual.codes.len() / (rows / 2).max(1);
+    assert!(
+        e.channels.iter().all(|&i| (i as usize) < cols),
+        "selected channel out of range"
+    );
+    match isa {
+        Isa::Scalar => reference::add_residual(e, r0, y),
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: listed by `Isa::available` only where the CPU has AVX2 and FMA; the asserts
+        // bound every run and output.
+        Isa::Avx2 | Isa::Avx2Vnni => unsafe { x86::add_residual(e, r0, y) },
+        #[cfg(not(target_arch = "x86_64"))]
+        _ => reference::add_residual(e, r0, y),
+    }
+}
