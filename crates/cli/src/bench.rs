@@ -1,5 +1,5 @@
 use anyhow::{Result, bail};
-use recoup_eval::speed::{decode_tokens_per_s, prefill_tokens_per_s};
+use recoup_eval::speed::{decode_tokens_per_s, paired_decode_tokens_per_s, prefill_tokens_per_s};
 use recoup_kernels::membw::stream_read_gbps;
 
 #[derive(clap::Args)]
@@ -35,14 +35,22 @@ pub fn main(args: Args) -> Result<()> {
     } else {
         None
     };
-    let tg = if args.tg > 0 {
-        Some(decode_tokens_per_s(model, args.tg, args.reps)?)
-    } else {
-        None
+    let residual_bytes = model.residual_bytes_per_token();
+    let (tg, tg_base) = match (args.tg, residual_bytes) {
+        (0, _) => (None, None),
+        (tg, 0) => (Some(decode_tokens_per_s(model, tg, args.reps)?), None),
+        // With QDEC, decode alternates with and without it in blocks of tokens, so that the
+        // slowdown is a paired measurement on a machine with other load.
+        (tg, _) => {
+            let switch = |on| model.set_qdec_enabled(on);
+            let (with, without) = paired_decode_tokens_per_s(model, tg, args.reps, &switch)?;
+            (Some(with), Some(without))
+        }
     };
     let weight_bytes = model.weight_bytes_per_token();
     let bits_per_weight = model.block_bits_per_weight();
-    let achieved = tg.map(|t| t * weight_bytes as f64 / 1e9);
+    let achieved = tg.map(|t| t * (weight_bytes + residual_bytes) as f64 / 1e9);
+    let slowdown = tg.zip(tg_base).map(|(t, b)| b / t - 1.0);
     let threads = rayon::current_num_threads();
     if args.json {
         let v = serde_json::json!({
@@ -57,6 +65,9 @@ pub fn main(args: Args) -> Result<()> {
             "stream_gbps": stream_gbps,
             "bandwidth_fraction": achieved.map(|a| a / stream_gbps),
             "bits_per_weight": bits_per_weight,
+            "residual_bytes_per_token": residual_bytes,
+            "tg_tokens_per_s_without_qdec": tg_base,
+            "qdec_slowdown": slowdown,
         });
         println!("{v}");
         return Ok(());
@@ -79,6 +90,15 @@ pub fn main(args: Args) -> Result<()> {
             gbps,
             100.0 * gbps / stream_gbps,
             stream_gbps
+        );
+    }
+    if let (Some(base), Some(slowdown)) = (tg_base, slowdown) {
+        println!(
+            "QDEC: {:.2} MB of residual per token (+{:.2} % bytes); without it {:.2} tokens/s: {:+.1} % decode time",
+            residual_bytes as f64 / 1e6,
+            100.0 * residual_bytes as f64 / weight_bytes as f64,
+            base,
+            100.0 * slowdown
         );
     }
     Ok(())

@@ -147,7 +147,6 @@ impl KernelArgs {
         KernelOptions {
             reference: self.reference_kernels,
             low_rank,
-            skip_qdec: false,
         }
     }
 
@@ -162,6 +161,18 @@ impl KernelArgs {
             },
             in_prefill: self.qdec_prefill,
         })
+    }
+
+    /// `--qdec` and its settings, for the records commands print.
+    fn qdec_record(&self) -> Option<serde_json::Value> {
+        let sidecar = self.qdec.as_ref()?;
+        let o = self.qdec_options().ok()?;
+        Some(serde_json::json!({
+            "residual": sidecar.display().to_string(),
+            "k_chunk": o.k_chunk.describe(),
+            "select": o.select.name(),
+            "in_prefill": o.in_prefill,
+        }))
     }
 
     /// Attaches `--qdec` to a model loaded from the checkpoint `path`.
@@ -194,7 +205,11 @@ impl KernelArgs {
             sidecar.display(),
             options.k_chunk.describe(),
             options.select.name(),
-            if tier == Tier::Ram { "RAM" } else { "a memory mapping" },
+            if tier == Tier::Ram {
+                "RAM"
+            } else {
+                "a memory mapping"
+            },
             if options.in_prefill {
                 "every position corrected"
             } else {

@@ -76,6 +76,7 @@ pub fn main(args: Args) -> Result<()> {
         v["model"] = args.model.clone().into();
         v["add_bos"] = tk.add_bos.into();
         v["seconds"] = secs.into();
+        v["qdec"] = kernels.qdec_record().into();
         v["tokens_per_second"] = (processed as f64 / secs).into();
         println!("{v}");
     } else {
@@ -90,6 +91,9 @@ pub fn main(args: Args) -> Result<()> {
             text_path.display(),
             text_sha256
         );
+        if let Some(q) = kernels.qdec_record() {
+            println!("qdec: {q}");
+        }
         println!(
             "ppl = {:.4} +/- {:.4} (nll {:.6})",
             result.ppl, result.ppl_stderr, result.nll

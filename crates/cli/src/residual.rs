@@ -46,7 +46,12 @@ pub fn main(args: Args) -> Result<()> {
     let q_dir = HfDir::open(q).with_context(|| format!("{} is not a checkpoint", q.display()))?;
     let meta_json = q_dir
         .metadata(METADATA_KEY)
-        .ok_or_else(|| anyhow!("{}: not a recoup checkpoint (no `{METADATA_KEY}` metadata)", q.display()))?
+        .ok_or_else(|| {
+            anyhow!(
+                "{}: not a recoup checkpoint (no `{METADATA_KEY}` metadata)",
+                q.display()
+            )
+        })?
         .to_string();
     drop(q_dir);
     let reference = recoup_model::load::open(&model_path)?;
@@ -75,7 +80,8 @@ pub fn main(args: Args) -> Result<()> {
             args.seqlen,
             args.seed,
         )?;
-        let model = recoup_model::Model::from_source(quantized.config.clone(), quantized.source.as_ref())?;
+        let model =
+            recoup_model::Model::from_source(quantized.config.clone(), quantized.source.as_ref())?;
         let pb = crate::progress::bar(set.windows.len() as u64, "windows");
         pb.set_message("activation statistics of the quantized model");
         let stats = input_stats(&model, &set.windows, &mut |w| pb.set_position(w as u64))?;

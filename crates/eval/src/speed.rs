@@ -49,3 +49,40 @@ pub fn decode_tokens_per_s(model: &Model, tg: usize, reps: usize) -> Result<f64>
     }
     Ok(tg as f64 / median(times))
 }
+
+/// Tokens per generated block of the paired measurement: short enough that both variants
+/// see the same machine state, long enough that switching costs nothing.
+const PAIRED_BLOCK: usize = 8;
+
+/// Decode speed of two variants of one model measured in the same runs: `tg` greedy steps
+/// in blocks of 8 tokens that alternate between `switch(true)` and `switch(false)`, so
+/// noise from other load on the machine falls on both alike (and both see the same range
+/// of positions). Returns tokens/s with the switch on and off, medians over `reps` runs.
+pub fn paired_decode_tokens_per_s(
+    model: &Model,
+    tg: usize,
+    reps: usize,
+    switch: &dyn Fn(bool),
+) -> Result<(f64, f64)> {
+    let mut cache = KvCache::new(&model.config, tg);
+    let (mut on_runs, mut off_runs) = (Vec::new(), Vec::new());
+    for rep in 0..reps.max(1) {
+        cache.clear();
+        let mut next = tokens(1, model.config.vocab_size)[0];
+        let (mut secs, mut steps) = ([0f64; 2], [0usize; 2]);
+        for step in 0..tg {
+            // Alternate which variant goes first from one repetition to the next.
+            let on = (step / PAIRED_BLOCK + rep).is_multiple_of(2);
+            switch(on);
+            let t = Instant::now();
+            let hidden = model.forward(&[next], &mut cache)?;
+            next = argmax(&model.logits(&hidden, 1));
+            secs[usize::from(on)] += t.elapsed().as_secs_f64();
+            steps[usize::from(on)] += 1;
+        }
+        on_runs.push(steps[1] as f64 / secs[1]);
+        off_runs.push(steps[0] as f64 / secs[0]);
+    }
+    switch(true);
+    Ok((median(on_runs), median(off_runs)))
+}

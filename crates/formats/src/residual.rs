@@ -27,7 +27,7 @@ use safetensors::Dtype;
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 pub const RESIDUAL_FORMAT_VERSION: u32 = 1;
 /// The `__metadata__` key holding [`ResidualMeta`] as JSON.
@@ -71,7 +71,10 @@ pub fn checkpoint_digest(checkpoint_meta_json: &str) -> String {
 
 /// Packs levels `q` (`[rows, cols]` row-major, each in −7…7) input-major: `[cols, rows/2]`.
 pub fn pack_input_major(q: &[i8], rows: usize, cols: usize) -> Vec<u8> {
-    assert!(rows.is_multiple_of(2) && q.len() == rows * cols, "residual shape");
+    assert!(
+        rows.is_multiple_of(2) && q.len() == rows * cols,
+        "residual shape"
+    );
     let half = rows / 2;
     let mut out = vec![0u8; cols * half];
     for o in 0..rows {
@@ -160,16 +163,25 @@ pub enum Tier {
 
 /// A layer's packed residual rows in their tier.
 pub enum ResidualCodes {
-    Owned(Vec<u8>),
-    Mapped { file: Arc<HfDir>, name: String },
+    /// A range of the RAM tier's buffer.
+    Ram {
+        arena: Arc<memmap2::MmapMut>,
+        range: std::ops::Range<usize>,
+    },
+    Mapped {
+        file: Arc<HfDir>,
+        name: String,
+    },
 }
 
 impl ResidualCodes {
     pub fn bytes(&self) -> &[u8] {
         match self {
-            ResidualCodes::Owned(v) => v,
+            ResidualCodes::Ram { arena, range } => &arena[range.clone()],
             ResidualCodes::Mapped { file, name } => {
-                file.raw(name).expect("checked when the sidecar was opened").2
+                file.raw(name)
+                    .expect("checked when the sidecar was opened")
+                    .2
             }
         }
     }
@@ -180,7 +192,8 @@ pub struct LayerResidual {
     pub rows: usize,
     pub cols: usize,
     pub codes: ResidualCodes,
-    pub scales: Vec<f32>,
+    /// Kept in f16 as stored: they are read with every corrected token.
+    pub scales: Vec<f16>,
     pub envelope: Option<Vec<f32>>,
     pub mean_abs: Option<Vec<f32>>,
 }
@@ -190,6 +203,9 @@ pub struct ResidualFile {
     path: PathBuf,
     file: Arc<HfDir>,
     pub meta: ResidualMeta,
+    /// The RAM tier: every layer's runs copied into one buffer, made on first use, with
+    /// each layer's offset.
+    ram: OnceLock<(Arc<memmap2::MmapMut>, HashMap<String, usize>)>,
 }
 
 impl ResidualFile {
@@ -215,6 +231,7 @@ impl ResidualFile {
             path: path.to_path_buf(),
             file: Arc::new(file),
             meta,
+            ram: OnceLock::new(),
         };
         for (prefix, rec) in &this.meta.layers {
             if !rec.rows.is_multiple_of(2) || rec.rows == 0 || rec.cols == 0 {
@@ -279,6 +296,33 @@ impl ResidualFile {
         Ok(())
     }
 
+    /// Every layer's runs in one anonymous buffer backed by huge pages where the kernel
+    /// allows: a decode step reads a few short runs at scattered places, and with 4 KiB
+    /// pages nearly every run costs a page walk (expensive under virtualization).
+    fn ram_tier(&self) -> Result<(Arc<memmap2::MmapMut>, HashMap<String, usize>)> {
+        let mut offsets = HashMap::new();
+        let mut total = 0;
+        for (prefix, rec) in &self.meta.layers {
+            offsets.insert(prefix.clone(), total);
+            total += rec.cols * rec.rows / 2;
+        }
+        let mut arena = memmap2::MmapMut::map_anon(total.max(1)).with_context(|| {
+            format!(
+                "{}: cannot allocate {total} bytes for the residual",
+                self.path.display()
+            )
+        })?;
+        #[cfg(target_os = "linux")]
+        // Only a hint: without transparent huge pages the buffer works all the same.
+        let _ = arena.advise(memmap2::Advice::HugePage);
+        for (prefix, rec) in &self.meta.layers {
+            let bytes = self.part(prefix, "residual", Dtype::U8, &[rec.cols, rec.rows / 2])?;
+            let at = offsets[prefix];
+            arena[at..at + bytes.len()].copy_from_slice(bytes);
+        }
+        Ok((Arc::new(arena), offsets))
+    }
+
     /// Layer `prefix`'s residual in `tier`, or `None` if the sidecar has none for it.
     pub fn layer(&self, prefix: &str, tier: Tier) -> Result<Option<LayerResidual>> {
         let Some(rec) = self.meta.layers.get(prefix) else {
@@ -288,14 +332,29 @@ impl ResidualFile {
         let name = tensor_name(prefix, "residual");
         let codes = match tier {
             Tier::Ram => {
-                ResidualCodes::Owned(self.part(prefix, "residual", Dtype::U8, &[cols, rows / 2])?.to_vec())
+                let (arena, offsets) = match self.ram.get() {
+                    Some(ram) => ram,
+                    None => {
+                        let ram = self.ram_tier()?;
+                        self.ram.get_or_init(|| ram)
+                    }
+                };
+                let start = offsets[prefix];
+                ResidualCodes::Ram {
+                    arena: arena.clone(),
+                    range: start..start + cols * rows / 2,
+                }
             }
             Tier::Mmap => ResidualCodes::Mapped {
                 file: self.file.clone(),
                 name,
             },
         };
-        let scales = crate::DenseDtype::F16.decode(self.part(prefix, "scale", Dtype::F16, &[rows])?);
+        let scales = self
+            .part(prefix, "scale", Dtype::F16, &[rows])?
+            .chunks_exact(2)
+            .map(|b| f16::from_le_bytes([b[0], b[1]]))
+            .collect();
         Ok(Some(LayerResidual {
             rows,
             cols,
@@ -325,6 +384,9 @@ mod tests {
                 assert_eq!(level(run, o), q[o * cols + i], "output {o} channel {i}");
             }
         }
-        assert!(packed.iter().all(|&b| b & 0xF != 0 && b >> 4 != 0), "nibble 0 unused");
+        assert!(
+            packed.iter().all(|&b| b & 0xF != 0 && b >> 4 != 0),
+            "nibble 0 unused"
+        );
     }
 }

@@ -7,8 +7,8 @@
 use half::f16;
 use recoup_formats::packed::{Factor, FactorDtype, GridSpec, PackedMatrix};
 use recoup_kernels::lowbit::{
-    Isa, LowRankFactors, QuantizedActivation, TiledFactor, factor_matvec, factor_matvec_add,
-    Epilogue, packed_matvec, packed_matvec_low_rank,
+    Epilogue, Isa, LowRankFactors, QuantizedActivation, TiledFactor, factor_matvec,
+    factor_matvec_add, packed_matvec, packed_matvec_low_rank,
 };
 use recoup_kernels::membw::stream_read_gbps;
 use std::time::Instant;
@@ -126,7 +126,8 @@ fn main() {
                 a: &tiled,
                 b: (&b).into(),
             };
-            let fused = time(|| packed_matvec_low_rank(&m, &act, &x, branch, None, &mut y, &mut v, isa));
+            let fused =
+                time(|| packed_matvec_low_rank(&m, &act, &x, branch, None, &mut y, &mut v, isa));
             let unfused = time(|| {
                 factor_matvec(branch.b, &x, &mut v, isa);
                 packed_matvec(&m, &act, &mut y, Epilogue::default(), isa);

@@ -8,8 +8,8 @@ pub mod export;
 pub mod kv_cache;
 pub mod linear;
 pub mod llama;
-pub mod qdec;
 pub mod load;
+pub mod qdec;
 pub mod sampling;
 pub mod tokenizer;
 

@@ -26,7 +26,10 @@ pub trait LinearOp: Send + Sync {
     fn set_options(&mut self, _options: KernelOptions) {}
     /// Adds QDEC's dynamic residual correction to the layer's output.
     fn attach_residual(&mut self, _residual: Compensation) -> Result<()> {
-        bail!("only packed (quantized) layers take a residual; this one is {}", self.kind())
+        bail!(
+            "only packed (quantized) layers take a residual; this one is {}",
+            self.kind()
+        )
     }
     /// Bytes of residual one decoded token reads (0 without QDEC).
     fn residual_bytes(&self) -> usize {
@@ -85,8 +88,6 @@ pub struct KernelOptions {
     /// kernels are checked against.
     pub reference: bool,
     pub low_rank: LowRankPath,
-    /// Leave QDEC's correction out (for measuring what it costs).
-    pub skip_qdec: bool,
 }
 
 /// What a layer with a low-rank branch does with it at run time.
@@ -139,10 +140,6 @@ impl PackedOp {
             LowRankPath::Off => None,
             _ => self.packed.low_rank.as_ref(),
         }
-    }
-
-    fn active_qdec(&self) -> Option<&Compensation> {
-        self.qdec.as_ref().filter(|_| !self.options.skip_qdec)
     }
 
     /// `x` in the stored column order (GPTQ act-order permutes the columns).
@@ -205,7 +202,7 @@ impl PackedOp {
         y.par_chunks_mut(rows)
             .zip(x.par_chunks(cols))
             .for_each(|(yt, xt)| {
-                let selected = q.select(xt);
+                let selected = q.select_fresh(xt);
                 add_residual(q.epilogue(&selected), 0, yt, isa);
             });
     }
@@ -222,7 +219,7 @@ impl LinearOp for PackedOp {
 
     fn forward(&self, x: &[f32], n: usize, y: &mut [f32]) {
         let (cols, rows) = (self.in_features(), self.out_features());
-        let correct = self.active_qdec().is_some_and(|q| q.applies(n));
+        let correct = self.qdec.as_ref().is_some_and(|q| q.applies(n));
         if self.options.reference {
             matmul_wt(x, &self.packed.dequantize(), y, n, cols, rows);
         } else if n <= MATVEC_MAX_TOKENS {
@@ -301,9 +298,7 @@ impl LinearOp for PackedOp {
     }
 
     fn residual_bytes(&self) -> usize {
-        self.active_qdec()
-            .filter(|q| q.applies(1))
-            .map_or(0, Compensation::bytes_per_token)
+        self.qdec.as_ref().map_or(0, Compensation::bytes_per_token)
     }
 }
 

@@ -4,13 +4,15 @@
 use crate::config::ModelConfig;
 use crate::kv_cache::KvCache;
 use crate::linear::{DenseF32, KernelOptions, Linear, PackedOp};
-use crate::qdec::{Compensation, QdecOptions};
+use crate::qdec::{Compensation, QdecOptions, SharedSelection};
 use anyhow::{Context, Result, anyhow, bail};
 use recoup_formats::TensorSource;
 use recoup_formats::residual::{ResidualFile, Tier};
 use recoup_kernels::attention::{AttentionShape, causal_attention};
 use recoup_kernels::ops::{RopeTable, rms_norm, silu_mul};
+use std::collections::HashMap;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 pub struct Block {
     pub attn_norm: Vec<f32>,
@@ -31,6 +33,8 @@ pub struct Model {
     norm: Vec<f32>,
     pub lm_head: Linear,
     inv_freq: Vec<f64>,
+    /// Switches QDEC's correction in every layer (see [`Model::set_qdec_enabled`]).
+    qdec_enabled: Arc<AtomicBool>,
 }
 
 /// Canonical (Hugging Face) name of a block tensor.
@@ -245,6 +249,7 @@ impl Model {
             norm,
             lm_head,
             inv_freq,
+            qdec_enabled: Arc::new(AtomicBool::new(true)),
         })
     }
 
@@ -350,13 +355,16 @@ impl Model {
         let path = file.path().display().to_string();
         let mut attached = 0;
         for (layer, block) in self.blocks.iter_mut().enumerate() {
+            let mut shared: HashMap<Site, Arc<SharedSelection>> = HashMap::new();
             for ((module, site), linear) in BLOCK_LINEARS.iter().zip(block.linears_mut()) {
                 let prefix = block_tensor_name(layer, module);
                 let Some(residual) = file.layer(&prefix, tier)? else {
                     continue;
                 };
                 let k = options.k_chunk.for_site(*site);
-                Compensation::new(residual, k, options.select, options.in_prefill)
+                let on = self.qdec_enabled.clone();
+                let shared = shared.entry(*site).or_default().clone();
+                Compensation::new(residual, k, options.select, options.in_prefill, on, shared)
                     .and_then(|c| linear.op.attach_residual(c))
                     .with_context(|| format!("{path}: {prefix}"))?;
                 attached += 1;
@@ -381,6 +389,11 @@ impl Model {
                 .iter()
                 .any(|(m, _)| block_tensor_name(layer, m) == prefix)
         })
+    }
+
+    /// Switches QDEC's correction off or on in every layer, between forward passes.
+    pub fn set_qdec_enabled(&self, on: bool) {
+        self.qdec_enabled.store(on, Ordering::Relaxed);
     }
 
     /// Bytes of QDEC residual one decoded token reads.

@@ -7,7 +7,8 @@ use recoup_formats::residual::LayerResidual;
 use recoup_kernels::qdec::{
     self, BucketFloors, BucketScratch, ResidualEpilogue, ResidualRef, total_budget,
 };
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 
 /// How a layer picks its channels each token.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -77,7 +78,10 @@ impl KChunk {
                 }
             }
         }
-        if [k.qkv, k.o, k.gate_up, k.down].iter().any(|&v| v > qdec::CHUNK) {
+        if [k.qkv, k.o, k.gate_up, k.down]
+            .iter()
+            .any(|&v| v > qdec::CHUNK)
+        {
             bail!("--qdec-k: at most {} channels per chunk", qdec::CHUNK);
         }
         Ok(k)
@@ -127,6 +131,34 @@ pub struct Compensation {
     static_set: Vec<u32>,
     /// Varies the random selector's draw from call to call.
     calls: AtomicU64,
+    /// Shared by every layer of a model: switches the correction off and on between
+    /// tokens (for measuring what it costs in the same run).
+    enabled: Arc<AtomicBool>,
+    /// Shared by the layers reading the same input (q/k/v, gate/up).
+    shared: Arc<SharedSelection>,
+}
+
+/// The last decode step's selection at one input site, reused by the other layers reading
+/// the same activation, as the paper's fused QKV and gate-up projections share theirs.
+#[derive(Default)]
+pub struct SharedSelection {
+    last: Mutex<Option<(Vec<f32>, Selected)>>,
+}
+
+impl SharedSelection {
+    /// The selection of `x`: the cached one when `x` is the same activation (compared in
+    /// full, a few hundred ns against microseconds of selecting), else `fresh()`, cached.
+    fn get(&self, x: &[f32], fresh: impl FnOnce() -> Selected) -> Selected {
+        let mut last = self.last.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some((seen, s)) = last.as_ref()
+            && seen.as_slice() == x
+        {
+            return s.clone();
+        }
+        let s = fresh();
+        *last = Some((x.to_vec(), s.clone()));
+        s
+    }
 }
 
 impl Compensation {
@@ -136,6 +168,8 @@ impl Compensation {
         k_chunk: usize,
         select: Select,
         in_prefill: bool,
+        enabled: Arc<AtomicBool>,
+        shared: Arc<SharedSelection>,
     ) -> Result<Self> {
         let cols = residual.cols;
         let k = total_budget(k_chunk, cols);
@@ -158,7 +192,9 @@ impl Compensation {
                 set
             }
             (Select::Static, None) => {
-                bail!("static selection needs channel statistics: build the residual with calibration text")
+                bail!(
+                    "static selection needs channel statistics: build the residual with calibration text"
+                )
             }
             _ => Vec::new(),
         };
@@ -170,6 +206,8 @@ impl Compensation {
             floors,
             static_set,
             calls: AtomicU64::new(0),
+            enabled,
+            shared,
         })
     }
 
@@ -183,11 +221,17 @@ impl Compensation {
 
     /// Whether a forward of `n` tokens is corrected: decode steps always, prefill on request.
     pub fn applies(&self, n: usize) -> bool {
-        self.k_chunk > 0 && (n == 1 || self.in_prefill)
+        self.k_chunk > 0 && (n == 1 || self.in_prefill) && self.enabled.load(Ordering::Relaxed)
     }
 
-    /// The channels to correct for activation `x` (original column order) and their values.
+    /// The channels to correct for a decode step's activation `x` (original column order)
+    /// and their values, shared with the layers reading the same `x`.
     pub fn select(&self, x: &[f32]) -> Selected {
+        self.shared.get(x, || self.select_fresh(x))
+    }
+
+    /// [`Self::select`] without the shared cache (prefill positions, each its own).
+    pub fn select_fresh(&self, x: &[f32]) -> Selected {
         let mut channels = Vec::with_capacity(total_budget(self.k_chunk, x.len()));
         match self.select {
             Select::Exact => qdec::select_exact(x, self.k_chunk, &mut Vec::new(), &mut channels),
@@ -219,8 +263,11 @@ impl Compensation {
 
     /// Bytes of residual one corrected token reads: the selected runs and the scales.
     pub fn bytes_per_token(&self) -> usize {
+        if self.k_chunk == 0 {
+            return 0;
+        }
         let rows = self.residual.rows;
-        total_budget(self.k_chunk, self.residual.cols) * rows / 2 + 4 * rows
+        total_budget(self.k_chunk, self.residual.cols) * rows / 2 + 2 * rows
     }
 
     pub fn describe(&self) -> String {
@@ -229,6 +276,7 @@ impl Compensation {
 }
 
 /// One token's selection.
+#[derive(Clone)]
 pub struct Selected {
     pub channels: Vec<u32>,
     pub values: Vec<f32>,

@@ -18,7 +18,6 @@ use recoup_formats::native::{
     AWQ_INPUT_SCALE, AWQ_OUTPUT_SCALE, CheckpointMeta, FORMAT_VERSION, LayerRecord, METADATA_KEY,
     StoredTensor, packed_tensors, write_safetensors,
 };
-use safetensors::Dtype;
 use recoup_formats::packed::{GridSpec, PackedLinear};
 use recoup_formats::{DenseDtype, TensorSource, atomic};
 use recoup_kernels::ops::RopeTable;
@@ -28,6 +27,7 @@ use recoup_model::linear::{DenseF32, Linear};
 use recoup_model::llama::{Block, block_tensor_name, embed_tokens};
 use recoup_model::load::Opened;
 use regex::Regex;
+use safetensors::Dtype;
 use serde_json::json;
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};

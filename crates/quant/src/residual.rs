@@ -12,7 +12,9 @@ use half::f16;
 use rayon::prelude::*;
 use recoup_formats::TensorSource;
 use recoup_formats::native::{AWQ_INPUT_SCALE, AWQ_OUTPUT_SCALE};
-use recoup_formats::residual::{LayerResidualData, MAX_LEVEL, ResidualLayerRecord, pack_input_major};
+use recoup_formats::residual::{
+    LayerResidualData, MAX_LEVEL, ResidualLayerRecord, pack_input_major,
+};
 use recoup_model::llama::{BLOCK_LINEARS, Site, block_tensor_name};
 use recoup_model::{KvCache, Model};
 use std::collections::HashMap;
@@ -88,7 +90,11 @@ fn reference_in_quantized_basis(
         }
         let s = quantized.tensor(&name)?;
         if s.data.len() != len {
-            bail!("{}: {name} has {} values, not {len}", quantized.path().display(), s.data.len());
+            bail!(
+                "{}: {name} has {} values, not {len}",
+                quantized.path().display(),
+                s.data.len()
+            );
         }
         Ok(Some(s.data))
     };
@@ -128,7 +134,11 @@ pub fn layer_residual(
     r.iter_mut().zip(&w).for_each(|(q, &v)| *q = v - *q);
     let (levels, scales) = encode_rows(&r, rows, cols);
     let (mut err, mut norm, mut wnorm) = (0f64, 0f64, 0f64);
-    for (o, (row, lv)) in r.chunks_exact(cols).zip(levels.chunks_exact(cols)).enumerate() {
+    for (o, (row, lv)) in r
+        .chunks_exact(cols)
+        .zip(levels.chunks_exact(cols))
+        .enumerate()
+    {
         let s = scales[o].to_f32();
         for (&v, &l) in row.iter().zip(lv) {
             err += f64::from(v - f32::from(l) * s).powi(2);
@@ -193,7 +203,10 @@ impl InputStats {
             })
             .collect();
         for a in sorted {
-            self.envelope.iter_mut().zip(&a).for_each(|(e, &v)| *e = e.max(v));
+            self.envelope
+                .iter_mut()
+                .zip(&a)
+                .for_each(|(e, &v)| *e = e.max(v));
         }
         for row in x.chunks_exact(cols) {
             self.sum_abs
@@ -295,20 +308,115 @@ mod tests {
             let max = row.iter().fold(0f32, |a, v| a.max(v.abs())) / 7.0;
             for c in 1..=SCALE_CANDIDATES {
                 let cand = f16::from_f32(max * c as f32 / 32.0).to_f32();
-                assert!(chosen <= err(cand) + 1e-12, "row {o}: candidate {c} is better");
+                assert!(
+                    chosen <= err(cand) + 1e-12,
+                    "row {o}: candidate {c} is better"
+                );
             }
             assert!(s < max, "row {o}: heavy tails should make the search clip");
             for (i, &v) in row.iter().enumerate() {
                 let l = levels[o * cols + i];
                 assert!(l.abs() <= 7);
                 if v.abs() <= 7.0 * s {
-                    assert!((v - f32::from(l) * s).abs() <= s / 2.0 * 1.0001, "({o}, {i})");
+                    assert!(
+                        (v - f32::from(l) * s).abs() <= s / 2.0 * 1.0001,
+                        "({o}, {i})"
+                    );
                 }
             }
         }
         // An all-zero row codes to zero.
         let (l, s) = encode_rows(&[0.0; 4], 1, 4);
         assert_eq!((l, s[0].to_f32()), (vec![0; 4], 0.0));
+    }
+
+    #[test]
+    fn every_channel_with_an_exact_residual_gives_the_reference_output() {
+        use recoup_formats::packed::{GridSpec, PackedLinear};
+        use recoup_formats::residual::{LayerResidual, ResidualCodes};
+        use recoup_model::linear::{LinearOp, PackedOp};
+        use recoup_model::qdec::{Compensation, Select, SharedSelection};
+        use std::sync::Arc;
+        use std::sync::atomic::AtomicBool;
+
+        let mut rng = rand::rngs::StdRng::seed_from_u64(9);
+        let (rows, cols) = (48, 2048);
+        let w0: Vec<f32> = (0..rows * cols)
+            .map(|_| rng.random_range(-0.1..0.1))
+            .collect();
+        let spec = GridSpec::new(3, 128, false).unwrap();
+        let matrix =
+            crate::grid::quantize_rtn(&w0, rows, cols, &spec, crate::grid::Clip::None, None)
+                .pack(spec, rows, cols);
+        let w_hat = matrix.dequantize();
+        // A residual the 4-bit code holds exactly: levels (every row reaching ±7) times an
+        // f16 scale per row.
+        let levels: Vec<i8> = (0..rows * cols)
+            .map(|i| {
+                if i % cols == 5 {
+                    7
+                } else {
+                    rng.random_range(-7..=7)
+                }
+            })
+            .collect();
+        let scales: Vec<f16> = (0..rows)
+            .map(|_| f16::from_f32(rng.random_range(0.001..0.01)))
+            .collect();
+        let r: Vec<f32> = (0..rows * cols)
+            .map(|i| f32::from(levels[i]) * scales[i / cols].to_f32())
+            .collect();
+        let (coded, coded_scales) = encode_rows(&r, rows, cols);
+        assert_eq!(
+            (&coded, &coded_scales),
+            (&levels, &scales),
+            "the code is exact"
+        );
+
+        let codes = pack_input_major(&coded, rows, cols);
+        let mut arena = memmap2::MmapMut::map_anon(codes.len()).unwrap();
+        arena.copy_from_slice(&codes);
+        let residual = LayerResidual {
+            rows,
+            cols,
+            codes: ResidualCodes::Ram {
+                arena: Arc::new(arena),
+                range: 0..codes.len(),
+            },
+            scales: coded_scales,
+            envelope: None,
+            mean_abs: None,
+        };
+        let on = Arc::new(AtomicBool::new(true));
+        let shared = Arc::new(SharedSelection::default());
+        let all = Compensation::new(residual, 1024, Select::Exact, false, on, shared).unwrap();
+        let mut op = PackedOp::new(PackedLinear::plain(matrix));
+        let x: Vec<f32> = (0..cols).map(|_| rng.random_range(-1.0..1.0)).collect();
+        let mut plain = vec![0f32; rows];
+        op.forward(&x, 1, &mut plain);
+        op.attach_residual(all).unwrap();
+        let mut y = vec![0f32; rows];
+        op.forward(&x, 1, &mut y);
+        for o in 0..rows {
+            let dot = |w: &[f32]| -> f64 {
+                (0..cols)
+                    .map(|i| f64::from(w[o * cols + i]) * f64::from(x[i]))
+                    .sum()
+            };
+            let reference = dot(&w_hat) + dot(&r);
+            // What is left is the 8-bit rounding of the activation in the packed product.
+            let bound = 1e-2 * (dot(&w_hat).abs() + 1.0);
+            assert!(
+                (f64::from(y[o]) - reference).abs() < bound,
+                "row {o}: {} vs {reference}",
+                y[o]
+            );
+            let correction = f64::from(y[o] - plain[o]);
+            assert!(
+                (correction - dot(&r)).abs() < 1e-4 * (1.0 + dot(&r).abs()),
+                "row {o}"
+            );
+        }
     }
 
     #[test]

@@ -357,6 +357,9 @@ pub fn packed_rows(
     if let Some(e) = &epilogue.low_rank {
         e.check(m.rows);
     }
+    if let Some(e) = &epilogue.residual {
+        crate::qdec::prefetch(e, r0, y.len());
+    }
     match isa {
         Isa::Scalar => reference::packed_rows(m, act, group_sums, r0, y),
         #[cfg(target_arch = "x86_64")]
@@ -470,7 +473,15 @@ pub fn packed_matvec_low_rank(
         // SAFETY: parts are disjoint ranges of `y`, which outlives `run`.
         let mine = unsafe { std::slice::from_raw_parts_mut(y_base.get().add(r0), r1 - r0) };
         let low_rank = Some(LowRankEpilogue { a, v });
-        packed_rows(m, act, &sums, r0, mine, Epilogue { low_rank, residual }, isa);
+        packed_rows(
+            m,
+            act,
+            &sums,
+            r0,
+            mine,
+            Epilogue { low_rank, residual },
+            isa,
+        );
     });
 }
 

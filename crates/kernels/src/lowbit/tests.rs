@@ -109,7 +109,15 @@ fn simd_rows_match_the_scalar_twin_for_every_format() {
         let act = QuantizedActivation::quantize(&random_activation(&mut rng, cols));
         let sums = act.group_sums(group);
         let mut want = vec![0f32; rows];
-        packed_rows(&m, &act, &sums, 0, &mut want, Epilogue::default(), Isa::Scalar);
+        packed_rows(
+            &m,
+            &act,
+            &sums,
+            0,
+            &mut want,
+            Epilogue::default(),
+            Isa::Scalar,
+        );
         for isa in Isa::available() {
             let mut got = vec![f32::NAN; rows];
             packed_rows(&m, &act, &sums, 0, &mut got, Epilogue::default(), isa);
@@ -258,7 +266,15 @@ fn fused_epilogue_equals_the_unfused_passes() {
             let mut rows_only = vec![0f32; rows];
             let epilogue = LowRankEpilogue { a: af, v: &v };
             let sums = act.group_sums(128);
-            packed_rows(&m, &act, &sums, 0, &mut rows_only, Epilogue::low_rank(epilogue), isa);
+            packed_rows(
+                &m,
+                &act,
+                &sums,
+                0,
+                &mut rows_only,
+                Epilogue::low_rank(epilogue),
+                isa,
+            );
             assert_eq!(fused, rows_only, "{}", isa.name());
             let mut v = vec![0f32; rank];
             factor_matvec(bf, &x, &mut v, isa);
@@ -296,7 +312,15 @@ fn threaded_product_equals_the_row_kernel() {
     let act = QuantizedActivation::quantize(&random_activation(&mut rng, 896));
     for isa in Isa::available() {
         let mut whole = vec![0f32; m.rows];
-        packed_rows(&m, &act, &act.group_sums(128), 0, &mut whole, Epilogue::default(), isa);
+        packed_rows(
+            &m,
+            &act,
+            &act.group_sums(128),
+            0,
+            &mut whole,
+            Epilogue::default(),
+            isa,
+        );
         let mut threaded = vec![0f32; m.rows];
         packed_matvec(&m, &act, &mut threaded, Epilogue::default(), isa);
         assert_eq!(whole, threaded, "{}", isa.name());
@@ -338,7 +362,9 @@ fn residual_in_the_epilogue_equals_a_separate_pass() {
     let b = random_factor(&mut rng, rank, cols, FactorDtype::F16);
     let levels: Vec<i8> = (0..rows * cols).map(|_| rng.random_range(-7..=7)).collect();
     let codes = recoup_formats::residual::pack_input_major(&levels, rows, cols);
-    let scales: Vec<f32> = (0..rows).map(|_| rng.random_range(0.001..0.01)).collect();
+    let scales: Vec<f16> = (0..rows)
+        .map(|_| f16::from_f32(rng.random_range(0.001..0.01)))
+        .collect();
     let x = random_activation(&mut rng, cols);
     let act = QuantizedActivation::quantize(&x);
     let mut channels = Vec::new();
@@ -358,17 +384,27 @@ fn residual_in_the_epilogue_equals_a_separate_pass() {
         let mut plain = vec![0f32; rows];
         packed_matvec(&m, &act, &mut plain, Epilogue::default(), isa);
         let mut fused = vec![0f32; rows];
-        let epilogue = Epilogue { low_rank: None, residual: some };
+        let epilogue = Epilogue {
+            low_rank: None,
+            residual: some,
+        };
         packed_matvec(&m, &act, &mut fused, epilogue, isa);
         let mut separate = plain.clone();
         add_residual(residual, 0, &mut separate, isa);
         // Threads' slices start elsewhere, so a few outputs take the scalar tail (no FMA).
         for (f, s) in fused.iter().zip(&separate) {
-            assert!((f - s).abs() <= 1e-6 * (1.0 + s.abs()), "{}: {f} vs {s}", isa.name());
+            assert!(
+                (f - s).abs() <= 1e-6 * (1.0 + s.abs()),
+                "{}: {f} vs {s}",
+                isa.name()
+            );
         }
         assert!(fused != plain, "the correction changed the output");
         // With the low-rank branch too: the same as without the residual, plus it.
-        let branch = LowRankFactors { a: &tiled, b: (&b).into() };
+        let branch = LowRankFactors {
+            a: &tiled,
+            b: (&b).into(),
+        };
         let (mut with, mut without) = (vec![0f32; rows], vec![0f32; rows]);
         let mut v = vec![0f32; rank];
         packed_matvec_low_rank(&m, &act, &x, branch, some, &mut with, &mut v, isa);

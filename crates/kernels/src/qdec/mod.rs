@@ -22,6 +22,7 @@ mod tests;
 mod x86;
 
 use crate::lowbit::Isa;
+use half::f16;
 
 /// Channels per selection chunk.
 pub const CHUNK: usize = 1024;
@@ -42,16 +43,25 @@ pub fn total_budget(k_chunk: usize, n: usize) -> usize {
         .sum()
 }
 
+/// Up to this budget per chunk, the exact selector keeps a sorted list of the best so far
+/// (one compare per channel, few insertions); beyond, it runs quickselect.
+const INSERTION_MAX_K: usize = 64;
+
 /// Indices of the `k_chunk` largest `|x_i|` of every chunk, appended to `out` chunk by chunk
 /// (in no particular order within a chunk). `scratch` is reused between calls.
 pub fn select_exact(x: &[f32], k_chunk: usize, scratch: &mut Vec<u32>, out: &mut Vec<u32>) {
     for (c, chunk) in x.chunks(CHUNK).enumerate() {
         let k = chunk_budget(k_chunk, chunk.len());
+        let base = (c * CHUNK) as u32;
         if k == 0 {
             continue;
         }
+        if k <= INSERTION_MAX_K && k < chunk.len() {
+            top_k_by_insertion(chunk, k, base, out);
+            continue;
+        }
         scratch.clear();
-        scratch.extend((0..chunk.len() as u32).map(|i| i + (c * CHUNK) as u32));
+        scratch.extend((0..chunk.len() as u32).map(|i| i + base));
         if k < chunk.len() {
             // Larger |x| first; NaN-free inputs (activations of a finite model).
             scratch.select_nth_unstable_by(k - 1, |&a, &b| {
@@ -60,6 +70,34 @@ pub fn select_exact(x: &[f32], k_chunk: usize, scratch: &mut Vec<u32>, out: &mut
         }
         out.extend_from_slice(&scratch[..k]);
     }
+}
+
+/// The `k` largest `|v|` of `chunk` (offset `base`) by a descending list of the best so far:
+/// a channel below the current k-th costs one compare, and few are not.
+fn top_k_by_insertion(chunk: &[f32], k: usize, base: u32, out: &mut Vec<u32>) {
+    let mut best: [(f32, u32); INSERTION_MAX_K] = [(f32::NEG_INFINITY, 0); INSERTION_MAX_K];
+    let best = &mut best[..k];
+    const LANES: usize = 8;
+    for (g, group) in chunk.chunks(LANES).enumerate() {
+        // Most groups hold nothing above the current k-th: one max decides. On the bits of
+        // |v| (sign cleared), integer order is float order, and an integer max vectorizes.
+        let max = group
+            .iter()
+            .fold(0u32, |m, v| m.max(v.to_bits() & 0x7FFF_FFFF));
+        if f32::from_bits(max) <= best[k - 1].0 {
+            continue;
+        }
+        for (j, v) in group.iter().enumerate() {
+            let a = v.abs();
+            if a <= best[k - 1].0 {
+                continue;
+            }
+            let at = best.partition_point(|&(b, _)| b >= a);
+            best.copy_within(at..k - 1, at + 1);
+            best[at] = (a, base + (g * LANES + j) as u32);
+        }
+    }
+    out.extend(best.iter().map(|&(_, i)| i));
 }
 
 /// The paper's bucket floors from two calibrated magnitudes: `t_a`, the largest |x| seen,
@@ -168,7 +206,7 @@ pub fn select_random(n: usize, k_chunk: usize, seed: u64, out: &mut Vec<u32>) {
 #[derive(Clone, Copy)]
 pub struct ResidualRef<'a> {
     pub codes: &'a [u8],
-    pub scales: &'a [f32],
+    pub scales: &'a [f16],
 }
 
 impl ResidualRef<'_> {
@@ -190,6 +228,30 @@ pub struct ResidualEpilogue<'a> {
     pub channels: &'a [u32],
     /// `x_i` of each selected channel, in the same order.
     pub x: &'a [f32],
+}
+
+/// Asks the caches for the bytes of every selected run that outputs `r0…r0 + len` will
+/// read. Runs are short (a few cache lines per thread) and scattered, too short for the
+/// hardware prefetcher: issued before the main product, the loads overlap with it.
+pub fn prefetch(e: &ResidualEpilogue, r0: usize, len: usize) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        use core::arch::x86_64::{_MM_HINT_T1, _mm_prefetch};
+        let rows = e.residual.rows();
+        let (first, last) = (r0 / 2, (r0 + len).min(rows).div_ceil(2));
+        let line = |p: *const u8| {
+            // SAFETY: a prefetch only hints the cache; it never faults.
+            unsafe { _mm_prefetch::<_MM_HINT_T1>(p.cast()) }
+        };
+        for &i in e.channels {
+            let run = e.residual.run(i as usize);
+            (first..last)
+                .step_by(64)
+                .for_each(|b| line(run[b..].as_ptr()));
+        }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = (e, r0, len);
 }
 
 /// Outputs accumulated per pass: the accumulators stay in L1 while every selected run is
@@ -218,8 +280,8 @@ pub fn add_residual(e: ResidualEpilogue, r0: usize, y: &mut [f32], isa: Isa) {
     match isa {
         Isa::Scalar => reference::add_residual(e, r0, y),
         #[cfg(target_arch = "x86_64")]
-        // SAFETY: listed by `Isa::available` only where the CPU has AVX2 and FMA; the asserts
-        // bound every run and output.
+        // SAFETY: listed by `Isa::available` only where the CPU has AVX2, FMA and F16C; the
+        // asserts bound every run and output.
         Isa::Avx2 | Isa::Avx2Vnni => unsafe { x86::add_residual(e, r0, y) },
         #[cfg(not(target_arch = "x86_64"))]
         _ => reference::add_residual(e, r0, y),

@@ -21,7 +21,7 @@ pub fn add_residual(e: ResidualEpilogue, r0: usize, y: &mut [f32]) {
         }
         let scales = &e.residual.scales[r0 + s0..r0 + s0 + len];
         for ((out, a), s) in y[s0..s0 + len].iter_mut().zip(acc.iter()).zip(scales) {
-            *out += s * a;
+            *out += s.to_f32() * a;
         }
     }
 }

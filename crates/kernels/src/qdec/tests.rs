@@ -61,7 +61,13 @@ fn bucket_selection_agrees_with_exact_top_k_outside_the_boundary_bucket() {
                 x[trial] = 500.0; // beyond anything calibration saw: the open top bucket
             }
             let mut got = Vec::new();
-            select_bucket(&x, k_chunk, &floors, &mut BucketScratch::default(), &mut got);
+            select_bucket(
+                &x,
+                k_chunk,
+                &floors,
+                &mut BucketScratch::default(),
+                &mut got,
+            );
             for c0 in (0..n).step_by(CHUNK) {
                 let c1 = (c0 + CHUNK).min(n);
                 let chosen: Vec<u32> = got
@@ -75,12 +81,18 @@ fn bucket_selection_agrees_with_exact_top_k_outside_the_boundary_bucket() {
                     .map(|&i| floors.bucket(x[i as usize].abs()))
                     .max()
                     .unwrap();
-                for i in c0..c1 {
-                    let b = floors.bucket(x[i].abs());
+                for (i, v) in x.iter().enumerate().take(c1).skip(c0) {
+                    let b = floors.bucket(v.abs());
                     let selected = chosen.contains(&(i as u32));
                     // Everything above the boundary bucket is selected; nothing below it.
-                    assert!(b >= boundary || selected, "channel {i} in bucket {b} missed");
-                    assert!(b <= boundary || !selected, "channel {i} in bucket {b} taken");
+                    assert!(
+                        b >= boundary || selected,
+                        "channel {i} in bucket {b} missed"
+                    );
+                    assert!(
+                        b <= boundary || !selected,
+                        "channel {i} in bucket {b} taken"
+                    );
                 }
             }
         }
@@ -116,7 +128,11 @@ fn random_selection_draws_distinct_channels_in_each_chunk() {
             assert_eq!(chunk.len(), chunk_budget(16, (2500 - c0).min(CHUNK)));
             chunk.sort_unstable();
             chunk.dedup();
-            assert_eq!(chunk.len(), chunk_budget(16, (2500 - c0).min(CHUNK)), "distinct");
+            assert_eq!(
+                chunk.len(),
+                chunk_budget(16, (2500 - c0).min(CHUNK)),
+                "distinct"
+            );
         }
     }
     let (mut a, mut b) = (Vec::new(), Vec::new());
@@ -127,14 +143,16 @@ fn random_selection_draws_distinct_channels_in_each_chunk() {
 
 struct Residual {
     codes: Vec<u8>,
-    scales: Vec<f32>,
+    scales: Vec<half::f16>,
     levels: Vec<i8>, // [rows, cols]
 }
 
 fn residual(rng: &mut StdRng, rows: usize, cols: usize) -> Residual {
     let levels: Vec<i8> = (0..rows * cols).map(|_| rng.random_range(-7..=7)).collect();
     let codes = recoup_formats::residual::pack_input_major(&levels, rows, cols);
-    let scales = (0..rows).map(|_| rng.random_range(0.001..0.02)).collect();
+    let scales = (0..rows)
+        .map(|_| half::f16::from_f32(rng.random_range(0.001..0.02)))
+        .collect();
     Residual {
         codes,
         scales,
@@ -145,8 +163,12 @@ fn residual(rng: &mut StdRng, rows: usize, cols: usize) -> Residual {
 #[test]
 fn simd_residual_matches_scalar_and_the_dense_product() {
     let mut rng = StdRng::seed_from_u64(3);
-    for (rows, cols, k_chunk) in [(896, 896, 8), (4864, 896, 64), (2050, 1536, 16), (6, 40, 1024)]
-    {
+    for (rows, cols, k_chunk) in [
+        (896, 896, 8),
+        (4864, 896, 64),
+        (2050, 1536, 16),
+        (6, 40, 1024),
+    ] {
         let r = residual(&mut rng, rows, cols);
         let x = activation(&mut rng, cols);
         let mut channels = Vec::new();
@@ -168,13 +190,16 @@ fn simd_residual_matches_scalar_and_the_dense_product() {
                     .iter()
                     .map(|&i| x[i as usize] as f64 * r.levels[o * cols + i as usize] as f64)
                     .sum();
-                base[o] as f64 + r.scales[o] as f64 * dot
+                base[o] as f64 + r.scales[o].to_f64() * dot
             })
             .collect();
         let mut scalar = base.clone();
         add_residual(e, 0, &mut scalar, Isa::Scalar);
         for (o, (s, d)) in scalar.iter().zip(&dense).enumerate() {
-            assert!((*s as f64 - d).abs() <= 1e-5 * (1.0 + d.abs()), "row {o}: {s} vs {d}");
+            assert!(
+                (*s as f64 - d).abs() <= 1e-5 * (1.0 + d.abs()),
+                "row {o}: {s} vs {d}"
+            );
         }
         for isa in Isa::available() {
             // Whole, and in slices starting on even outputs with odd lengths inside.
@@ -216,10 +241,13 @@ fn all_channels_and_exact_levels_give_the_full_residual_product() {
         x: &xs,
     };
     add_residual(e, 0, &mut y, Isa::best());
-    for o in 0..rows {
+    for (o, yo) in y.iter().enumerate() {
         let full: f64 = (0..cols)
-            .map(|i| x[i] as f64 * r.levels[o * cols + i] as f64 * r.scales[o] as f64)
+            .map(|i| x[i] as f64 * r.levels[o * cols + i] as f64 * r.scales[o].to_f64())
             .sum();
-        assert!((y[o] as f64 - full).abs() <= 1e-4 * (1.0 + full.abs()), "{o}");
+        assert!(
+            (*yo as f64 - full).abs() <= 1e-4 * (1.0 + full.abs()),
+            "{o}"
+        );
     }
 }

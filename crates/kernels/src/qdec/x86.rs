@@ -1,4 +1,4 @@
-//! AVX2 + FMA residual correction. 16 bytes of a run hold 32 outputs' nibbles: masking and
+//! AVX2 + FMA + F16C residual correction. 16 bytes of a run hold 32 outputs' nibbles: masking and
 //! shifting split them into low and high nibbles, interleaving restores output order, and
 //! each group of 8 levels is widened to f32 and multiply-added into the accumulators.
 //! Channels go two at a time so each accumulator load and store serves two runs.
@@ -73,7 +73,7 @@ unsafe fn accumulate<const N: usize>(runs: [&[u8]; N], xs: [f32; N], acc: &mut [
     }
 }
 
-#[target_feature(enable = "avx2,fma")]
+#[target_feature(enable = "avx2,fma,f16c")]
 pub unsafe fn add_residual(e: ResidualEpilogue, r0: usize, y: &mut [f32]) {
     let mut acc = [0f32; SLICE];
     for s0 in (0..y.len()).step_by(SLICE) {
@@ -95,8 +95,22 @@ pub unsafe fn add_residual(e: ResidualEpilogue, r0: usize, y: &mut [f32]) {
             unsafe { accumulate([run(e.channels[last])], [e.x[last]], acc) };
         }
         let scales = &e.residual.scales[r0 + s0..r0 + s0 + len];
-        for ((out, a), s) in y[s0..s0 + len].iter_mut().zip(acc.iter()).zip(scales) {
-            *out += s * a;
+        let y = &mut y[s0..s0 + len];
+        let wide = len / 8 * 8;
+        for j in (0..wide).step_by(8) {
+            // SAFETY: j + 8 ≤ len bounds the 8 scales, accumulators and outputs.
+            unsafe {
+                let s = _mm256_cvtph_ps(_mm_loadu_si128(scales.as_ptr().add(j).cast()));
+                let a = _mm256_loadu_ps(acc.as_ptr().add(j));
+                let out = y.as_mut_ptr().add(j);
+                _mm256_storeu_ps(
+                    out,
+                    _mm256_add_ps(_mm256_loadu_ps(out), _mm256_mul_ps(s, a)),
+                );
+            }
+        }
+        for j in wide..len {
+            y[j] += scales[j].to_f32() * acc[j];
         }
     }
 }

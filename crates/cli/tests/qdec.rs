@@ -1,0 +1,186 @@
+//! QDEC end to end on the real default model: `recoup residual`, then `ppl` and `bench`
+//! with the correction, every selector and tier, and clear errors on bad sidecars.
+
+mod common;
+
+use common::{recoup, stderr};
+use std::path::Path;
+
+fn ok(args: &[&str]) -> std::process::Output {
+    let o = recoup(args);
+    assert!(o.status.success(), "{args:?}: {}", stderr(&o));
+    o
+}
+
+/// A 3-bit RTN checkpoint of SmolLM2 (no calibration: seconds).
+fn checkpoint(dir: &Path, name: &str, bits: &str) -> String {
+    let out = dir.join(name);
+    let out = out.to_str().unwrap();
+    ok(&[
+        "quantize",
+        "--model",
+        "smollm2-135m",
+        "--method",
+        "rtn",
+        "--bits",
+        bits,
+        "--calib",
+        "none",
+        "--out",
+        out,
+    ]);
+    out.to_string()
+}
+
+/// Perplexity on the first 2 windows of 512 tokens of wiki-heldout.
+fn ppl(model: &str, extra: &[&str]) -> f64 {
+    let mut args = vec![
+        "ppl",
+        "--model",
+        model,
+        "--text",
+        "wiki-heldout",
+        "--ctx",
+        "512",
+        "--max-windows",
+        "2",
+        "--json",
+    ];
+    args.extend_from_slice(extra);
+    let o = ok(&args);
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    v["ppl"].as_f64().unwrap()
+}
+
+#[test]
+fn residual_correction_lowers_perplexity_with_every_selector_and_tier() {
+    let dir = tempfile::tempdir().unwrap();
+    let ck = checkpoint(dir.path(), "rtn3", "3");
+    let sidecar = dir.path().join("rtn3.qdec");
+    let r = sidecar.to_str().unwrap();
+    // Calibration on another text than the one measured.
+    let o = ok(&[
+        "residual",
+        "--model",
+        "smollm2-135m",
+        "--quantized",
+        &ck,
+        "--out",
+        r,
+        "--calib",
+        "c4",
+        "--nsamples",
+        "4",
+        "--seqlen",
+        "128",
+    ]);
+    assert!(String::from_utf8_lossy(&o.stdout).contains("residuals of 210 layers"));
+
+    let base = ppl(&ck, &[]);
+    let q = |extra: &[&str]| ppl(&ck, &[&["--qdec", r][..], extra].concat());
+    assert_eq!(q(&["--qdec-k", "0"]), base, "k_chunk 0 changes nothing");
+    let exact8 = q(&["--qdec-k", "8"]);
+    let exact32 = q(&["--qdec-k", "32"]);
+    assert!(exact8 < 0.8 * base, "k 8: {exact8} against {base}");
+    assert!(exact32 < exact8, "k 32: {exact32} against k 8: {exact8}");
+    // The memory-mapped tier reads the same bytes.
+    assert_eq!(q(&["--qdec-k", "8", "--qdec-tier", "mmap"]), exact8);
+    // The reference path (dequantized f32 product, scalar correction) agrees.
+    let reference = q(&["--qdec-k", "8", "--reference-kernels"]);
+    assert!(
+        (reference - exact8).abs() < 1e-4 * exact8,
+        "{reference} vs {exact8}"
+    );
+    // Dynamic selection beats the ablation's static and random sets; the bucket
+    // approximation stays close to exact top-k.
+    let bucket = q(&["--qdec-k", "8", "--qdec-select", "bucket"]);
+    let stat = q(&["--qdec-k", "8", "--qdec-select", "static"]);
+    let random = q(&["--qdec-k", "8", "--qdec-select", "random"]);
+    assert!(bucket < 1.05 * exact8, "bucket {bucket} vs exact {exact8}");
+    assert!(
+        exact8 < stat && stat < random && random < base,
+        "{exact8} {stat} {random} {base}"
+    );
+    // Overrides per projection: only the down projections corrected lands in between.
+    let down = q(&["--qdec-k", "0,down=8"]);
+    assert!(exact8 < down && down < base, "{down}");
+
+    // Decode with the correction: bench reports its bytes and the paired slowdown.
+    let o = ok(&[
+        "bench", "--model", &ck, "--pp", "0", "--tg", "16", "--reps", "1", "--json", "--qdec", r,
+    ]);
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert!(v["residual_bytes_per_token"].as_f64().unwrap() > 1e5, "{v}");
+    assert!(
+        v["tg_tokens_per_s_without_qdec"].as_f64().unwrap() > 0.0,
+        "{v}"
+    );
+    assert!(v["qdec_slowdown"].is_number(), "{v}");
+}
+
+#[test]
+fn bad_residual_files_and_flags_are_clear_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    let ck = checkpoint(dir.path(), "rtn3", "3");
+    let other = checkpoint(dir.path(), "rtn4", "4");
+    let sidecar = dir.path().join("rtn3.qdec");
+    let r = sidecar.to_str().unwrap();
+    ok(&[
+        "residual",
+        "--model",
+        "smollm2-135m",
+        "--quantized",
+        &ck,
+        "--out",
+        r,
+        "--calib",
+        "none",
+    ]);
+    let fails = |args: &[&str], want: &str| {
+        let o = recoup(args);
+        assert!(!o.status.success(), "{args:?} succeeded");
+        let e = stderr(&o);
+        assert!(e.contains(want), "{args:?}: {e}");
+        assert!(!e.contains("panicked"), "{e}");
+    };
+    let ppl = |model: &str, extra: &[&str]| -> Vec<String> {
+        let mut a: Vec<String> = ["ppl", "--model", model, "--text", "wiki-heldout"]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+        a.extend(extra.iter().map(|s| s.to_string()));
+        a
+    };
+    let call = |a: Vec<String>, want: &str| {
+        let args: Vec<&str> = a.iter().map(String::as_str).collect();
+        fails(&args, want)
+    };
+    call(ppl(&other, &["--qdec", r]), "built for another checkpoint");
+    call(
+        ppl("smollm2-135m", &["--qdec", r]),
+        "needs a recoup checkpoint",
+    );
+    call(
+        ppl(&ck, &["--qdec", r, "--qdec-select", "bucket"]),
+        "needs thresholds",
+    );
+    call(
+        ppl(&ck, &["--qdec", r, "--qdec-k", "8,mlp=2"]),
+        "unknown projection",
+    );
+    call(ppl(&ck, &["--qdec-k", "8"]), "--qdec");
+    // A truncated sidecar, and one that is not a sidecar at all, name the file.
+    let bytes = std::fs::read(&sidecar).unwrap();
+    let cut = dir.path().join("cut.qdec");
+    std::fs::write(&cut, &bytes[..bytes.len() / 2]).unwrap();
+    call(ppl(&ck, &["--qdec", cut.to_str().unwrap()]), "cut.qdec");
+    let block = std::fs::read_dir(&ck)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| p.extension().is_some_and(|e| e == "safetensors"))
+        .unwrap();
+    call(
+        ppl(&ck, &["--qdec", block.to_str().unwrap()]),
+        "not a recoup residual file",
+    );
+}
