@@ -6,11 +6,13 @@
 
 use half::f16;
 use recoup_formats::packed::{Factor, FactorDtype, GridSpec, PackedMatrix};
+use recoup_formats::residual::pack_input_major;
 use recoup_kernels::lowbit::{
     Epilogue, Isa, LowRankFactors, QuantizedActivation, TiledFactor, factor_matvec,
     factor_matvec_add, packed_matvec, packed_matvec_low_rank,
 };
 use recoup_kernels::membw::stream_read_gbps;
+use recoup_kernels::qdec::{ResidualEpilogue, ResidualRef, add_residual, select_exact};
 use std::time::Instant;
 
 /// A deterministic pseudo-random stream (xorshift).
@@ -142,5 +144,75 @@ fn main() {
                 100.0 * f / u
             );
         }
+    }
+    qdec(&mut s, &m, &act, &x, plain);
+}
+
+/// QDEC's residual correction in the epilogue of the 3-bit product, per `k_chunk`: the time
+/// it adds, and the residual pass alone on one thread per instruction set.
+fn qdec(s: &mut Stream, m: &PackedMatrix, act: &QuantizedActivation, x: &[f32], plain: f64) {
+    let (rows, cols) = (m.rows, m.cols);
+    let levels: Vec<i8> = (0..rows * cols)
+        .map(|_| (s.next() % 15) as i8 - 7)
+        .collect();
+    let codes = pack_input_major(&levels, rows, cols);
+    let scales: Vec<f16> = (0..rows)
+        .map(|_| f16::from_f32(0.001 + 0.001 * s.unit()))
+        .collect();
+    let mut y = vec![0f32; rows];
+    println!(
+        "\nQDEC residual on 3-bit g128: time added to {:.1} µs",
+        plain * 1e6
+    );
+    println!(
+        "{:<8} {:>9} {:>10} {:>8}   residual pass alone, 1 thread: ns per channel × 1000 outputs",
+        "k_chunk", "MB read", "added µs", "added"
+    );
+    for n in [896, 4864] {
+        let xs: Vec<f32> = (0..n).map(|_| s.unit()).collect();
+        for k_chunk in [2, 8, 64] {
+            let mut out = Vec::new();
+            let mut scratch = Vec::new();
+            let t = time(|| {
+                out.clear();
+                select_exact(&xs, k_chunk, &mut scratch, &mut out);
+            });
+            println!("select_exact n {n} k_chunk {k_chunk}: {:.2} µs", t * 1e6);
+        }
+    }
+    for k_chunk in [0, 1, 8, 16, 64] {
+        let mut channels = Vec::new();
+        select_exact(x, k_chunk, &mut Vec::new(), &mut channels);
+        let xs: Vec<f32> = channels.iter().map(|&i| x[i as usize]).collect();
+        let e = ResidualEpilogue {
+            residual: ResidualRef {
+                codes: &codes,
+                scales: &scales,
+            },
+            channels: &channels,
+            x: &xs,
+        };
+        let isa = Isa::best();
+        let with = Epilogue {
+            low_rank: None,
+            residual: Some(e),
+        };
+        let t = time(|| packed_matvec(m, act, &mut y, with, isa));
+        let bytes = channels.len() * rows / 2 + 2 * rows;
+        let alone: Vec<String> = Isa::available()
+            .into_iter()
+            .map(|isa| {
+                let t = time(|| add_residual(e, 0, &mut y, isa));
+                let per = t * 1e9 / (channels.len() * rows) as f64 * 1000.0;
+                format!("{} {per:.0}", isa.name())
+            })
+            .collect();
+        println!(
+            "{k_chunk:<8} {:>9.3} {:>10.1} {:>7.1}%   {}",
+            bytes as f64 / 1e6,
+            (t - plain) * 1e6,
+            100.0 * (t - plain) / plain,
+            alone.join(", ")
+        );
     }
 }

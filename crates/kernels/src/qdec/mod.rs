@@ -7,9 +7,12 @@
 //!
 //! The residual is stored input-major (`recoup_formats::residual`), so one selected channel
 //! is one contiguous run of `rows/2` bytes. The per-row scale factors out of the sum, so the
-//! kernel accumulates `x_i · level` over the selected channels for a slice of outputs (in L1)
-//! and multiplies by the scales once. Threads own disjoint output slices and read the
-//! matching span of every selected run: no atomics, sequential reads within each run.
+//! kernel sums over the selected channels first and multiplies by the scales once; the
+//! selected activations are rounded to 8 bits (a scale per 16 channels of similar size) and
+//! the sums run on integers, as the main product's do. In decode the correction runs in the
+//! epilogue of the main product (`lowbit::Epilogue`): each thread corrects its own output
+//! rows right after computing them, reading the matching span of every selected run (no
+//! atomics, no extra pass over the output), its runs prefetched before the main product.
 //!
 //! Selection: exact top-k per chunk (quickselect, the CPU's natural choice), the paper's
 //! 32-bucket approximation with two calibrated thresholds, and, for the ablation, a static
@@ -252,6 +255,48 @@ pub fn prefetch(e: &ResidualEpilogue, r0: usize, len: usize) {
     }
     #[cfg(not(target_arch = "x86_64"))]
     let _ = (e, r0, len);
+}
+
+/// Selected channels per activation scale: 8 pairs, whose i16 sums cannot overflow
+/// (`2 · 15 · 127 · 8 < 2¹⁵`).
+pub(crate) const GROUP: usize = 16;
+
+/// The selected activations rounded to 8 bits so that the residual product runs on
+/// integers: channels sorted by |x| and cut into groups of [`GROUP`], each with its own
+/// scale (`x_i ≈ scales[g] · codes_i`), so small selected values are not rounded on the
+/// scale of the largest. Levels are stored as `nibble = level + 8`; `offset = Σ_g scales[g]
+/// · 8 · Σ_{i∈g} codes_i` removes the 8s from every output at the end.
+pub(crate) struct SelectedCodes {
+    pub channels: Vec<u32>,
+    pub codes: Vec<i8>,
+    pub scales: Vec<f32>,
+    pub offset: f32,
+}
+
+impl SelectedCodes {
+    pub fn new(channels: &[u32], x: &[f32]) -> Self {
+        let mut order: Vec<usize> = (0..channels.len()).collect();
+        order.sort_unstable_by(|&a, &b| x[b].abs().total_cmp(&x[a].abs()));
+        let mut codes = Vec::with_capacity(order.len());
+        let mut scales = Vec::with_capacity(order.len().div_ceil(GROUP));
+        let mut offset = 0f32;
+        for group in order.chunks(GROUP) {
+            let max = x[group[0]].abs();
+            let scale = max / 127.0;
+            let inv = if scale > 0.0 { 1.0 / scale } else { 0.0 };
+            let start = codes.len();
+            codes.extend(group.iter().map(|&i| (x[i] * inv).round() as i8));
+            let sum: i32 = codes[start..].iter().map(|&c| i32::from(c)).sum();
+            offset += scale * (8 * sum) as f32;
+            scales.push(scale);
+        }
+        Self {
+            channels: order.iter().map(|&i| channels[i]).collect(),
+            codes,
+            scales,
+            offset,
+        }
+    }
 }
 
 /// Outputs accumulated per pass: the accumulators stay in L1 while every selected run is

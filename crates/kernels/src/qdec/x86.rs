@@ -1,116 +1,114 @@
-//! AVX2 + FMA + F16C residual correction. 16 bytes of a run hold 32 outputs' nibbles: masking and
-//! shifting split them into low and high nibbles, interleaving restores output order, and
-//! each group of 8 levels is widened to f32 and multiply-added into the accumulators.
-//! Channels go two at a time so each accumulator load and store serves two runs.
+//! AVX2 residual correction on integers. A pair of selected channels is loaded as one
+//! 256-bit register (16 bytes of each run: 32 outputs), split into low nibbles (even
+//! outputs) and high nibbles (odd outputs), and the two channels' nibbles are interleaved
+//! output by output, so that one `vpmaddubsw` against the pair's two 8-bit activation codes
+//! gives `q_a·n_a + q_b·n_b` for 16 outputs. Sums stay in registers across all selected
+//! channels: in i16 within a group of 8 pairs (one activation scale), then scaled into f32;
+//! the block's outputs are written once.
 
-use super::{ResidualEpilogue, SLICE};
+use super::{GROUP, ResidualEpilogue, SelectedCodes};
 use core::arch::x86_64::*;
 
-/// The 32 levels (nibble − 8) of 16 bytes at `p`, in output order, as two vectors of 16.
+/// The pair's nibbles at byte `b` of runs `a` and `c`, interleaved by output: (even outputs
+/// 0,2,…,30 as 16 pairs of bytes, odd outputs 1,3,…,31 likewise).
 #[inline]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn levels(p: *const u8) -> [__m128i; 2] {
-    // SAFETY: the caller points `p` at 16 readable bytes.
-    let bytes = unsafe { _mm_loadu_si128(p.cast()) };
-    let mask = _mm_set1_epi8(0xF);
-    let lo = _mm_and_si128(bytes, mask);
-    let hi = _mm_and_si128(_mm_srli_epi16(bytes, 4), mask);
-    let eight = _mm_set1_epi8(8);
-    [
-        _mm_sub_epi8(_mm_unpacklo_epi8(lo, hi), eight),
-        _mm_sub_epi8(_mm_unpackhi_epi8(lo, hi), eight),
-    ]
+#[target_feature(enable = "avx2")]
+unsafe fn pair_nibbles(a: *const u8, c: *const u8) -> (__m256i, __m256i) {
+    // SAFETY: the caller points both at 16 readable bytes.
+    let both = unsafe { _mm256_loadu2_m128i(c.cast(), a.cast()) };
+    let mask = _mm256_set1_epi8(0xF);
+    let low = _mm256_and_si256(both, mask);
+    let high = _mm256_and_si256(_mm256_srli_epi16(both, 4), mask);
+    // Lanes [a0..7 | a8..15 | c0..7 | c8..15] → [a0..7 | c0..7 | a8..15 | c8..15], then each
+    // lane's two halves interleaved byte by byte.
+    let interleave = |v: __m256i| {
+        let p = _mm256_permute4x64_epi64(v, 0b11_01_10_00);
+        _mm256_unpacklo_epi8(p, _mm256_srli_si256(p, 8))
+    };
+    (interleave(low), interleave(high))
 }
 
-/// 16 levels as two vectors of 8 f32.
+/// `acc += d · v` for the 16 i16 lanes of `v` (as two vectors of 8 f32).
 #[inline]
-#[target_feature(enable = "avx2,fma")]
-fn widen(v: __m128i) -> [__m256; 2] {
-    [
-        _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(v)),
-        _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(v, 8))),
-    ]
-}
-
-/// `acc[j] += Σ_c xs[c] · level(runs[c], j)` for `j < len` (`runs` start at output 0 of
-/// the slice and hold `len.div_ceil(2)` bytes).
-#[inline]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn accumulate<const N: usize>(runs: [&[u8]; N], xs: [f32; N], acc: &mut [f32]) {
-    let len = acc.len();
-    let wide = len / 32 * 32;
-    let xv = xs.map(|x| _mm256_set1_ps(x));
-    let out = acc.as_mut_ptr();
-    for j in (0..wide).step_by(32) {
-        // SAFETY: j + 32 ≤ len, so every run has the 16 bytes from j/2 and acc the 32
-        // values from j.
-        unsafe {
-            let mut sum = [
-                _mm256_loadu_ps(out.add(j)),
-                _mm256_loadu_ps(out.add(j + 8)),
-                _mm256_loadu_ps(out.add(j + 16)),
-                _mm256_loadu_ps(out.add(j + 24)),
-            ];
-            for c in 0..N {
-                let [a, b] = levels(runs[c].as_ptr().add(j / 2));
-                let [l0, l1] = widen(a);
-                let [l2, l3] = widen(b);
-                sum[0] = _mm256_fmadd_ps(xv[c], l0, sum[0]);
-                sum[1] = _mm256_fmadd_ps(xv[c], l1, sum[1]);
-                sum[2] = _mm256_fmadd_ps(xv[c], l2, sum[2]);
-                sum[3] = _mm256_fmadd_ps(xv[c], l3, sum[3]);
-            }
-            for (k, s) in sum.into_iter().enumerate() {
-                _mm256_storeu_ps(out.add(j + 8 * k), s);
-            }
-        }
-    }
-    for (c, run) in runs.iter().enumerate() {
-        for j in wide..len {
-            let nibble = (run[j / 2] >> (4 * (j % 2))) & 0xF;
-            acc[j] += xs[c] * f32::from(nibble as i8 - 8);
-        }
-    }
+#[target_feature(enable = "avx2")]
+fn scale_add(v: __m256i, d: __m256, acc: &mut [__m256; 2]) {
+    let lo = _mm256_cvtepi32_ps(_mm256_cvtepi16_epi32(_mm256_castsi256_si128(v)));
+    let hi = _mm256_cvtepi32_ps(_mm256_cvtepi16_epi32(_mm256_extracti128_si256(v, 1)));
+    acc[0] = _mm256_add_ps(acc[0], _mm256_mul_ps(d, lo));
+    acc[1] = _mm256_add_ps(acc[1], _mm256_mul_ps(d, hi));
 }
 
 #[target_feature(enable = "avx2,fma,f16c")]
 pub unsafe fn add_residual(e: ResidualEpilogue, r0: usize, y: &mut [f32]) {
-    let mut acc = [0f32; SLICE];
-    for s0 in (0..y.len()).step_by(SLICE) {
-        let len = (y.len() - s0).min(SLICE);
-        let acc = &mut acc[..len];
-        acc.fill(0.0);
-        let bytes = (r0 + s0) / 2..(r0 + s0) / 2 + len.div_ceil(2);
-        let run = |i: u32| &e.residual.run(i as usize)[bytes.clone()];
-        let pairs = e.channels.len() / 2;
-        for p in 0..pairs {
-            let (c0, c1) = (2 * p, 2 * p + 1);
-            let runs = [run(e.channels[c0]), run(e.channels[c1])];
-            // SAFETY: the runs hold `len.div_ceil(2)` bytes, as `accumulate` needs.
-            unsafe { accumulate(runs, [e.x[c0], e.x[c1]], acc) };
+    let q = SelectedCodes::new(e.channels, e.x);
+    // Per group: its scale and its pairs of (channel, code); an odd last channel pairs with
+    // itself at code 0.
+    let groups: Vec<(__m256, Vec<([usize; 2], __m256i)>)> = q
+        .scales
+        .iter()
+        .enumerate()
+        .map(|(g, &d)| {
+            let members = g * GROUP..((g + 1) * GROUP).min(q.codes.len());
+            let (channels, codes) = (&q.channels[members.clone()], &q.codes[members]);
+            let pairs = (0..codes.len().div_ceil(2))
+                .map(|p| {
+                    let (a, b) = (2 * p, (2 * p + 1).min(codes.len() - 1));
+                    let qb = if b == a { 0 } else { codes[b] };
+                    let word = u16::from_le_bytes([codes[a] as u8, qb as u8]) as i16;
+                    let ch = [channels[a] as usize, channels[b] as usize];
+                    (ch, _mm256_set1_epi16(word))
+                })
+                .collect();
+            (_mm256_set1_ps(d), pairs)
+        })
+        .collect();
+    let half = e.residual.rows() / 2;
+    let first = r0 / 2;
+    let bytes = y.len() / 2;
+    let wide = bytes / 16 * 16;
+    let codes = e.residual.codes.as_ptr();
+    let offset = _mm256_set1_ps(q.offset);
+    for b in (0..wide).step_by(16) {
+        let zero = _mm256_setzero_ps();
+        let (mut even, mut odd) = ([zero; 2], [zero; 2]);
+        for (d, pairs) in &groups {
+            let (mut e16, mut o16) = (_mm256_setzero_si256(), _mm256_setzero_si256());
+            for &([a, c], w) in pairs {
+                // SAFETY: `a, c` are checked channels, and byte `first + b + 16` is within
+                // the run (`y` ends at or before the last row).
+                let (lo, hi) = unsafe {
+                    pair_nibbles(
+                        codes.add(a * half + first + b),
+                        codes.add(c * half + first + b),
+                    )
+                };
+                e16 = _mm256_add_epi16(e16, _mm256_maddubs_epi16(lo, w));
+                o16 = _mm256_add_epi16(o16, _mm256_maddubs_epi16(hi, w));
+            }
+            scale_add(e16, *d, &mut even);
+            scale_add(o16, *d, &mut odd);
         }
-        if e.channels.len() % 2 == 1 {
-            let last = e.channels.len() - 1;
-            // SAFETY: as above.
-            unsafe { accumulate([run(e.channels[last])], [e.x[last]], acc) };
-        }
-        let scales = &e.residual.scales[r0 + s0..r0 + s0 + len];
-        let y = &mut y[s0..s0 + len];
-        let wide = len / 8 * 8;
-        for j in (0..wide).step_by(8) {
-            // SAFETY: j + 8 ≤ len bounds the 8 scales, accumulators and outputs.
-            unsafe {
-                let s = _mm256_cvtph_ps(_mm_loadu_si128(scales.as_ptr().add(j).cast()));
-                let a = _mm256_loadu_ps(acc.as_ptr().add(j));
-                let out = y.as_mut_ptr().add(j);
-                _mm256_storeu_ps(
-                    out,
-                    _mm256_add_ps(_mm256_loadu_ps(out), _mm256_mul_ps(s, a)),
-                );
+        // Back to output order: even[0] holds outputs 0,2,…,14, odd[0] 1,3,…,15.
+        for h in 0..2 {
+            let lo = _mm256_unpacklo_ps(even[h], odd[h]); // 0–3 | 8–11
+            let hi = _mm256_unpackhi_ps(even[h], odd[h]); // 4–7 | 12–15
+            let first8 = _mm256_permute2f128_ps(lo, hi, 0x20);
+            let second8 = _mm256_permute2f128_ps(lo, hi, 0x31);
+            for (k, v) in [first8, second8].into_iter().enumerate() {
+                let j = 2 * b + 16 * h + 8 * k;
+                // SAFETY: j + 8 ≤ 2 · wide ≤ y.len(), and the scales cover r0 + y.len().
+                unsafe {
+                    let s = e.residual.scales.as_ptr().add(r0 + j);
+                    let s = _mm256_cvtph_ps(_mm_loadu_si128(s.cast()));
+                    let out = y.as_mut_ptr().add(j);
+                    let add = _mm256_mul_ps(s, _mm256_sub_ps(v, offset));
+                    _mm256_storeu_ps(out, _mm256_add_ps(_mm256_loadu_ps(out), add));
+                }
             }
         }
-        for j in wide..len {
-            y[j] += scales[j].to_f32() * acc[j];
-        }
+    }
+    // The last bytes (fewer than 16) as the scalar twin computes them.
+    if wide < bytes {
+        super::reference::add_residual(e, r0 + 2 * wide, &mut y[2 * wide..]);
     }
 }
