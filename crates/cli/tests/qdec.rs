@@ -32,6 +32,20 @@ fn checkpoint(dir: &Path, name: &str, bits: &str) -> String {
     out.to_string()
 }
 
+/// Builds the sidecar of checkpoint `ck` into `out`, with `calib` flags.
+fn residual(ck: &str, out: &str, calib: &[&str]) -> std::process::Output {
+    let args = [
+        "residual",
+        "--model",
+        "smollm2-135m",
+        "--quantized",
+        ck,
+        "--out",
+        out,
+    ];
+    ok(&[&args[..], calib].concat())
+}
+
 /// Perplexity on the first 2 windows of 512 tokens of wiki-heldout.
 fn ppl(model: &str, extra: &[&str]) -> f64 {
     let mut args = vec![
@@ -59,21 +73,8 @@ fn residual_correction_lowers_perplexity_with_every_selector_and_tier() {
     let sidecar = dir.path().join("rtn3.qdec");
     let r = sidecar.to_str().unwrap();
     // Calibration on another text than the one measured.
-    let o = ok(&[
-        "residual",
-        "--model",
-        "smollm2-135m",
-        "--quantized",
-        &ck,
-        "--out",
-        r,
-        "--calib",
-        "c4",
-        "--nsamples",
-        "4",
-        "--seqlen",
-        "128",
-    ]);
+    let calib = ["--calib", "c4", "--nsamples", "4", "--seqlen", "128"];
+    let o = residual(&ck, r, &calib);
     assert!(String::from_utf8_lossy(&o.stdout).contains("residuals of 210 layers"));
 
     let base = ppl(&ck, &[]);
@@ -125,17 +126,7 @@ fn bad_residual_files_and_flags_are_clear_errors() {
     let other = checkpoint(dir.path(), "rtn4", "4");
     let sidecar = dir.path().join("rtn3.qdec");
     let r = sidecar.to_str().unwrap();
-    ok(&[
-        "residual",
-        "--model",
-        "smollm2-135m",
-        "--quantized",
-        &ck,
-        "--out",
-        r,
-        "--calib",
-        "none",
-    ]);
+    residual(&ck, r, &["--calib", "none"]);
     let fails = |args: &[&str], want: &str| {
         let o = recoup(args);
         assert!(!o.status.success(), "{args:?} succeeded");

@@ -5,9 +5,9 @@ use crate::calib::BlockStats;
 use anyhow::{Context, Result};
 use recoup_formats::packed::{GridSpec, LowRank, PackedLinear};
 use recoup_kernels::matmul::matmul;
-use recoup_model::llama::Site;
+use recoup_model::llama::{BLOCK_LINEARS, Site};
 
-/// The seven linear layers of a decoder block.
+/// The seven linear layers of a decoder block, in the order of `BLOCK_LINEARS`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum LinearName {
     Q,
@@ -32,25 +32,12 @@ impl LinearName {
 
     /// The module path inside a block, as Hugging Face names it.
     pub fn module(self) -> &'static str {
-        match self {
-            LinearName::Q => "self_attn.q_proj",
-            LinearName::K => "self_attn.k_proj",
-            LinearName::V => "self_attn.v_proj",
-            LinearName::O => "self_attn.o_proj",
-            LinearName::Gate => "mlp.gate_proj",
-            LinearName::Up => "mlp.up_proj",
-            LinearName::Down => "mlp.down_proj",
-        }
+        BLOCK_LINEARS[self as usize].0
     }
 
     /// Where the layer reads its input.
     pub fn site(self) -> Site {
-        match self {
-            LinearName::Q | LinearName::K | LinearName::V => Site::Qkv,
-            LinearName::O => Site::O,
-            LinearName::Gate | LinearName::Up => Site::GateUp,
-            LinearName::Down => Site::Down,
-        }
+        BLOCK_LINEARS[self as usize].1
     }
 }
 

@@ -147,6 +147,19 @@ struct Residual {
     levels: Vec<i8>, // [rows, cols]
 }
 
+impl Residual {
+    fn epilogue<'a>(&'a self, channels: &'a [u32], x: &'a [f32]) -> ResidualEpilogue<'a> {
+        ResidualEpilogue {
+            residual: ResidualRef {
+                codes: &self.codes,
+                scales: &self.scales,
+            },
+            channels,
+            x,
+        }
+    }
+}
+
 fn residual(rng: &mut StdRng, rows: usize, cols: usize) -> Residual {
     let levels: Vec<i8> = (0..rows * cols).map(|_| rng.random_range(-7..=7)).collect();
     let codes = recoup_formats::residual::pack_input_major(&levels, rows, cols);
@@ -174,14 +187,7 @@ fn simd_residual_matches_scalar_and_the_dense_product() {
         let mut channels = Vec::new();
         select_exact(&x, k_chunk, &mut Vec::new(), &mut channels);
         let xs: Vec<f32> = channels.iter().map(|&i| x[i as usize]).collect();
-        let e = ResidualEpilogue {
-            residual: ResidualRef {
-                codes: &r.codes,
-                scales: &r.scales,
-            },
-            channels: &channels,
-            x: &xs,
-        };
+        let e = r.epilogue(&channels, &xs);
         let base: Vec<f32> = (0..rows).map(|_| rng.random_range(-1.0..1.0)).collect();
         let mut scalar = base.clone();
         add_residual(e, 0, &mut scalar, Isa::Scalar);
@@ -218,15 +224,7 @@ fn all_channels_and_exact_levels_give_the_full_residual_product() {
     assert_eq!(channels.len(), cols);
     let xs: Vec<f32> = channels.iter().map(|&i| x[i as usize]).collect();
     let mut y = vec![0f32; rows];
-    let e = ResidualEpilogue {
-        residual: ResidualRef {
-            codes: &r.codes,
-            scales: &r.scales,
-        },
-        channels: &channels,
-        x: &xs,
-    };
-    add_residual(e, 0, &mut y, Isa::best());
+    add_residual(r.epilogue(&channels, &xs), 0, &mut y, Isa::best());
     check_against_dense(&r, cols, &channels, &x, &vec![0.0; rows], &y);
 }
 

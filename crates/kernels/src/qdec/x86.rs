@@ -41,29 +41,26 @@ fn scale_add(v: __m256i, d: __m256, acc: &mut [__m256; 2]) {
 #[target_feature(enable = "avx2,fma,f16c")]
 pub unsafe fn add_residual(e: ResidualEpilogue, r0: usize, y: &mut [f32]) {
     let q = SelectedCodes::new(e.channels, e.x);
-    // Per group: its scale and its pairs of (channel, code); an odd last channel pairs with
-    // itself at code 0.
-    let groups: Vec<(__m256, Vec<([usize; 2], __m256i)>)> = q
-        .scales
-        .iter()
-        .enumerate()
-        .map(|(g, &d)| {
-            let members = g * GROUP..((g + 1) * GROUP).min(q.codes.len());
-            let (channels, codes) = (&q.channels[members.clone()], &q.codes[members]);
-            let pairs = (0..codes.len().div_ceil(2))
-                .map(|p| {
-                    let (a, b) = (2 * p, (2 * p + 1).min(codes.len() - 1));
-                    let qb = if b == a { 0 } else { codes[b] };
-                    let word = u16::from_le_bytes([codes[a] as u8, qb as u8]) as i16;
-                    let ch = [channels[a] as usize, channels[b] as usize];
-                    (ch, _mm256_set1_epi16(word))
-                })
-                .collect();
-            (_mm256_set1_ps(d), pairs)
-        })
-        .collect();
     let half = e.residual.rows() / 2;
     let first = r0 / 2;
+    // Channel pairs, a group's after another (groups of 16 channels make 8 pairs; an odd
+    // last channel pairs with itself at code 0): where the slice's bytes of both runs start,
+    // and the pair's two codes in every 16-bit lane.
+    let pairs: Vec<([usize; 2], __m256i)> = q
+        .codes
+        .chunks(GROUP)
+        .zip(q.channels.chunks(GROUP))
+        .flat_map(|(codes, channels)| {
+            (0..codes.len().div_ceil(2)).map(move |p| {
+                let (a, b) = (2 * p, (2 * p + 1).min(codes.len() - 1));
+                let qb = if b == a { 0 } else { codes[b] };
+                let word = u16::from_le_bytes([codes[a] as u8, qb as u8]) as i16;
+                let start = |i: usize| channels[i] as usize * half + first;
+                ([start(a), start(b)], _mm256_set1_epi16(word))
+            })
+        })
+        .collect();
+    let scales: Vec<__m256> = q.scales.iter().map(|&d| _mm256_set1_ps(d)).collect();
     let bytes = y.len() / 2;
     let wide = bytes / 16 * 16;
     let codes = e.residual.codes.as_ptr();
@@ -71,17 +68,12 @@ pub unsafe fn add_residual(e: ResidualEpilogue, r0: usize, y: &mut [f32]) {
     for b in (0..wide).step_by(16) {
         let zero = _mm256_setzero_ps();
         let (mut even, mut odd) = ([zero; 2], [zero; 2]);
-        for (d, pairs) in &groups {
+        for (group, d) in pairs.chunks(GROUP / 2).zip(&scales) {
             let (mut e16, mut o16) = (_mm256_setzero_si256(), _mm256_setzero_si256());
-            for &([a, c], w) in pairs {
-                // SAFETY: `a, c` are checked channels, and byte `first + b + 16` is within
-                // the run (`y` ends at or before the last row).
-                let (lo, hi) = unsafe {
-                    pair_nibbles(
-                        codes.add(a * half + first + b),
-                        codes.add(c * half + first + b),
-                    )
-                };
+            for &([a, c], w) in group {
+                // SAFETY: the runs are of checked channels, and byte `first + b + 16` is
+                // within them (`y` ends at or before the last row).
+                let (lo, hi) = unsafe { pair_nibbles(codes.add(a + b), codes.add(c + b)) };
                 e16 = _mm256_add_epi16(e16, _mm256_maddubs_epi16(lo, w));
                 o16 = _mm256_add_epi16(o16, _mm256_maddubs_epi16(hi, w));
             }
