@@ -75,32 +75,40 @@ pub fn select_exact(x: &[f32], k_chunk: usize, scratch: &mut Vec<u32>, out: &mut
     }
 }
 
-/// The `k` largest `|v|` of `chunk` (offset `base`) by a descending list of the best so far:
-/// a channel below the current k-th costs one compare, and few are not.
+/// The `k` largest `|v|` of `chunk` (offset `base`): channels above the current floor are
+/// appended to a buffer, and whenever it holds `2k`, a quickselect keeps the best `k` and
+/// raises the floor to the k-th of them. After the first `2k` channels the floor is high
+/// enough that most groups of 8 cost one vectorized compare.
 fn top_k_by_insertion(chunk: &[f32], k: usize, base: u32, out: &mut Vec<u32>) {
-    let mut best: [(f32, u32); INSERTION_MAX_K] = [(f32::NEG_INFINITY, 0); INSERTION_MAX_K];
-    let best = &mut best[..k];
     const LANES: usize = 8;
+    let mut buf = [(0f32, 0u32); 2 * INSERTION_MAX_K + LANES];
+    let (mut len, mut floor) = (0, f32::NEG_INFINITY);
+    let by_magnitude = |a: &(f32, u32), b: &(f32, u32)| b.0.total_cmp(&a.0);
     for (g, group) in chunk.chunks(LANES).enumerate() {
-        // Most groups hold nothing above the current k-th: one max decides. On the bits of
-        // |v| (sign cleared), integer order is float order, and an integer max vectorizes.
-        let max = group
-            .iter()
-            .fold(0u32, |m, v| m.max(v.to_bits() & 0x7FFF_FFFF));
-        if f32::from_bits(max) <= best[k - 1].0 {
+        let above = match <&[f32; LANES]>::try_from(group) {
+            // A fixed-size group compiles to one vector compare.
+            Ok(lanes) => lanes.iter().fold(0u8, |m, v| m | u8::from(v.abs() > floor)) != 0,
+            Err(_) => group.iter().any(|v| v.abs() > floor),
+        };
+        if !above {
             continue;
         }
         for (j, v) in group.iter().enumerate() {
-            let a = v.abs();
-            if a <= best[k - 1].0 {
-                continue;
+            if v.abs() > floor {
+                buf[len] = (v.abs(), base + (g * LANES + j) as u32);
+                len += 1;
             }
-            let at = best.partition_point(|&(b, _)| b >= a);
-            best.copy_within(at..k - 1, at + 1);
-            best[at] = (a, base + (g * LANES + j) as u32);
+        }
+        if len >= 2 * k {
+            buf[..len].select_nth_unstable_by(k - 1, by_magnitude);
+            len = k;
+            floor = buf[..k].iter().fold(f32::INFINITY, |m, e| m.min(e.0));
         }
     }
-    out.extend(best.iter().map(|&(_, i)| i));
+    if len > k {
+        buf[..len].select_nth_unstable_by(k - 1, by_magnitude);
+    }
+    out.extend(buf[..len.min(k)].iter().map(|&(_, i)| i));
 }
 
 /// The paper's bucket floors from two calibrated magnitudes: `t_a`, the largest |x| seen,
