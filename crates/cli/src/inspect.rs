@@ -1,11 +1,12 @@
 use anyhow::{Result, bail};
 use recoup_formats::hf::HfDir;
 use recoup_formats::native::CheckpointMeta;
+use recoup_formats::residual::ResidualFile;
 use std::path::PathBuf;
 
 #[derive(clap::Args)]
 pub struct Args {
-    /// A recoup checkpoint directory.
+    /// A recoup checkpoint directory, or a QDEC residual sidecar.
     path: PathBuf,
     /// Print the metadata as JSON.
     #[arg(long)]
@@ -13,6 +14,9 @@ pub struct Args {
 }
 
 pub fn main(args: Args) -> Result<()> {
+    if args.path.is_file() {
+        return sidecar(&args);
+    }
     let dir = HfDir::open(&args.path)?;
     let Some(meta) = CheckpointMeta::from_dir(&dir)? else {
         bail!(
@@ -78,5 +82,44 @@ pub fn main(args: Args) -> Result<()> {
     if meta.method == "fbquant" {
         println!("fbquant bound |W_F − W| ≤ s/2 violated in {violations} layers");
     }
+    Ok(())
+}
+
+/// A QDEC sidecar: what it belongs to, and per layer its shape, size and code error.
+fn sidecar(args: &Args) -> Result<()> {
+    let file = ResidualFile::open(&args.path)?;
+    let meta = &file.meta;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(meta)?);
+        return Ok(());
+    }
+    println!(
+        "QDEC residual, format {}, {}-bit, for the checkpoint whose metadata hashes to {}",
+        meta.format_version, meta.bits, meta.checkpoint_digest
+    );
+    println!("quantized: {}", meta.quantized);
+    println!("reference: {}", meta.reference);
+    match &meta.calibration {
+        Some(c) => println!("selector statistics from: {c}"),
+        None => println!("selector statistics: none (exact and random selection only)"),
+    }
+    println!(
+        "{:<44} {:>11} {:>9} {:>13} {:>12}",
+        "layer", "shape", "MB", "‖R‖/‖W‖", "code error"
+    );
+    let mut bytes = 0;
+    for (name, l) in &meta.layers {
+        let b = l.rows * l.cols / 2 + 2 * l.rows;
+        bytes += b;
+        println!(
+            "{:<44} {:>11} {:>9.3} {:>13.4} {:>12.4}",
+            name,
+            format!("{}x{}", l.rows, l.cols),
+            b as f64 / 1e6,
+            l.weight_rel_error,
+            l.code_rel_error
+        );
+    }
+    println!("{} layers, {:.1} MB", meta.layers.len(), bytes as f64 / 1e6);
     Ok(())
 }

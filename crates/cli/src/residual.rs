@@ -116,7 +116,9 @@ pub fn main(args: Args) -> Result<()> {
         format_version: RESIDUAL_FORMAT_VERSION,
         bits: 4,
         checkpoint_digest: checkpoint_digest(&meta_json),
-        quantized: serde_json::json!({ "path": q.display().to_string() }),
+        quantized: serde_json::json!({
+            "path": q.canonicalize().unwrap_or_else(|_| q.clone()).display().to_string(),
+        }),
         reference: source_record(&model_path)?,
         calibration,
         layers: records,

@@ -76,6 +76,17 @@ fn residual_correction_lowers_perplexity_with_every_selector_and_tier() {
     let calib = ["--calib", "c4", "--nsamples", "4", "--seqlen", "128"];
     let o = residual(&ck, r, &calib);
     assert!(String::from_utf8_lossy(&o.stdout).contains("residuals of 210 layers"));
+    let o = ok(&["inspect", r, "--json"]);
+    let meta: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(meta["layers"].as_object().unwrap().len(), 210);
+    assert_eq!(meta["calibration"]["nsamples"], 4);
+    let down = &meta["layers"]["model.layers.0.mlp.down_proj"];
+    // 3-bit RTN leaves a residual a good fraction of the weight; the 4-bit code keeps most.
+    let (w, c) = (
+        down["weight_rel_error"].as_f64().unwrap(),
+        down["code_rel_error"].as_f64().unwrap(),
+    );
+    assert!(w > 0.05 && w < 0.5 && c > 0.0 && c < 0.2, "{down}");
 
     let base = ppl(&ck, &[]);
     let q = |extra: &[&str]| ppl(&ck, &[&["--qdec", r][..], extra].concat());
