@@ -357,9 +357,6 @@ pub fn packed_rows(
     if let Some(e) = &epilogue.low_rank {
         e.check(m.rows);
     }
-    if let Some(e) = &epilogue.residual {
-        crate::qdec::prefetch(e, r0, y.len());
-    }
     match isa {
         Isa::Scalar => reference::packed_rows(m, act, group_sums, r0, y),
         #[cfg(target_arch = "x86_64")]

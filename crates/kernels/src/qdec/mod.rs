@@ -12,7 +12,7 @@
 //! the sums run on integers, as the main product's do. In decode the correction runs in the
 //! epilogue of the main product (`lowbit::Epilogue`): each thread corrects its own output
 //! rows right after computing them, reading the matching span of every selected run (no
-//! atomics, no extra pass over the output), its runs prefetched before the main product.
+//! atomics, no extra pass over the output).
 //!
 //! Selection: exact top-k per chunk (quickselect, the CPU's natural choice), the paper's
 //! 32-bucket approximation with two calibrated thresholds, and, for the ablation, a static
@@ -239,30 +239,6 @@ pub struct ResidualEpilogue<'a> {
     pub channels: &'a [u32],
     /// `x_i` of each selected channel, in the same order.
     pub x: &'a [f32],
-}
-
-/// Asks the caches for the bytes of every selected run that outputs `r0…r0 + len` will
-/// read. Runs are short (a few cache lines per thread) and scattered, too short for the
-/// hardware prefetcher: issued before the main product, the loads overlap with it.
-pub fn prefetch(e: &ResidualEpilogue, r0: usize, len: usize) {
-    #[cfg(target_arch = "x86_64")]
-    {
-        use core::arch::x86_64::{_MM_HINT_T1, _mm_prefetch};
-        let rows = e.residual.rows();
-        let (first, last) = (r0 / 2, (r0 + len).min(rows).div_ceil(2));
-        let line = |p: *const u8| {
-            // SAFETY: a prefetch only hints the cache; it never faults.
-            unsafe { _mm_prefetch::<_MM_HINT_T1>(p.cast()) }
-        };
-        for &i in e.channels {
-            let run = e.residual.run(i as usize);
-            (first..last)
-                .step_by(64)
-                .for_each(|b| line(run[b..].as_ptr()));
-        }
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    let _ = (e, r0, len);
 }
 
 /// Selected channels per activation scale: 8 pairs, whose i16 sums cannot overflow
