@@ -3,7 +3,7 @@
 
 mod common;
 
-use common::{recoup, stderr};
+use common::{ppl_with, recoup, stderr};
 use std::path::Path;
 
 fn ok(args: &[&str]) -> std::process::Output {
@@ -48,22 +48,7 @@ fn residual(ck: &str, out: &str, calib: &[&str]) -> std::process::Output {
 
 /// Perplexity on the first 2 windows of 512 tokens of wiki-heldout.
 fn ppl(model: &str, extra: &[&str]) -> f64 {
-    let mut args = vec![
-        "ppl",
-        "--model",
-        model,
-        "--text",
-        "wiki-heldout",
-        "--ctx",
-        "512",
-        "--max-windows",
-        "2",
-        "--json",
-    ];
-    args.extend_from_slice(extra);
-    let o = ok(&args);
-    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
-    v["ppl"].as_f64().unwrap()
+    ppl_with(model, "512", "2", extra, &[])
 }
 
 #[test]

@@ -3,7 +3,7 @@
 
 mod common;
 
-use common::{recoup, stderr};
+use common::{ppl_with, recoup, stderr};
 use std::path::Path;
 use std::process::{Command, Output};
 use std::time::{Duration, Instant};
@@ -27,31 +27,6 @@ fn quantize(extra: &[&str], out: &Path) -> Output {
 /// Perplexity on the first 2 windows of 512 tokens (gptq protocol): the tests' quick measure.
 fn ppl(model: &str) -> f64 {
     ppl_with(model, "512", "2", &[], &[])
-}
-
-/// Perplexity on wiki-heldout with `extra` flags and `env` variables for the process.
-fn ppl_with(model: &str, ctx: &str, windows: &str, extra: &[&str], env: &[(&str, &str)]) -> f64 {
-    let mut args = vec![
-        "ppl",
-        "--model",
-        model,
-        "--text",
-        "wiki-heldout",
-        "--ctx",
-        ctx,
-        "--max-windows",
-        windows,
-        "--json",
-    ];
-    args.extend_from_slice(extra);
-    let o = Command::new(env!("CARGO_BIN_EXE_recoup"))
-        .args(&args)
-        .envs(env.iter().copied())
-        .output()
-        .unwrap();
-    assert!(o.status.success(), "{}", stderr(&o));
-    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
-    v["ppl"].as_f64().unwrap()
 }
 
 #[test]

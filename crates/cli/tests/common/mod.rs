@@ -12,3 +12,36 @@ pub fn recoup(args: &[&str]) -> Output {
 pub fn stderr(o: &Output) -> String {
     String::from_utf8_lossy(&o.stderr).into_owned()
 }
+
+/// Used by some of the test files that include this module.
+#[allow(dead_code)]
+/// Perplexity on wiki-heldout with `extra` flags and `env` variables for the process.
+pub fn ppl_with(
+    model: &str,
+    ctx: &str,
+    windows: &str,
+    extra: &[&str],
+    env: &[(&str, &str)],
+) -> f64 {
+    let mut args = vec![
+        "ppl",
+        "--model",
+        model,
+        "--text",
+        "wiki-heldout",
+        "--ctx",
+        ctx,
+        "--max-windows",
+        windows,
+        "--json",
+    ];
+    args.extend_from_slice(extra);
+    let o = Command::new(env!("CARGO_BIN_EXE_recoup"))
+        .args(&args)
+        .envs(env.iter().copied())
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    v["ppl"].as_f64().unwrap()
+}
