@@ -4,9 +4,7 @@
 use crate::llama::Site;
 use anyhow::{Result, bail};
 use recoup_formats::residual::LayerResidual;
-use recoup_kernels::qdec::{
-    self, BucketFloors, BucketScratch, ResidualEpilogue, ResidualRef, total_budget,
-};
+use recoup_kernels::qdec::{self, BucketFloors, ResidualEpilogue, ResidualRef, total_budget};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
@@ -237,8 +235,7 @@ impl Compensation {
             Select::Exact => qdec::select_exact(x, self.k_chunk, &mut Vec::new(), &mut channels),
             Select::Bucket => {
                 let floors = self.floors.as_ref().expect("set for bucket selection");
-                let mut scratch = BucketScratch::default();
-                qdec::select_bucket(x, self.k_chunk, floors, &mut scratch, &mut channels);
+                qdec::select_bucket(x, self.k_chunk, floors, &mut channels);
             }
             Select::Static => channels.extend_from_slice(&self.static_set),
             Select::Random => {

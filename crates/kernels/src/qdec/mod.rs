@@ -141,44 +141,38 @@ impl BucketFloors {
     }
 }
 
-/// Scratch of the bucket selector: up to `k` members per bucket, recorded first-come.
-#[derive(Default)]
-pub struct BucketScratch {
-    members: Vec<Vec<u32>>,
-}
-
-/// The paper's approximate per-chunk top-k: every element goes to its bucket (each records
-/// up to `k` members, first-come); buckets are taken whole from the largest down while they
-/// fit, then the first recorded members of the boundary bucket fill the budget exactly.
-/// Everything selected is at least everything not selected, except within that bucket.
-pub fn select_bucket(
-    x: &[f32],
-    k_chunk: usize,
-    floors: &BucketFloors,
-    scratch: &mut BucketScratch,
-    out: &mut Vec<u32>,
-) {
-    scratch.members.resize_with(BUCKETS, Vec::new);
+/// The paper's approximate per-chunk top-k: buckets are taken whole from the largest down
+/// while they fit, then the first members (in channel order) of the boundary bucket fill the
+/// budget exactly. Everything selected is at least everything not selected, except within
+/// that bucket. Two passes over the chunk (count per bucket, then collect) need no scratch.
+pub fn select_bucket(x: &[f32], k_chunk: usize, floors: &BucketFloors, out: &mut Vec<u32>) {
     for (c, chunk) in x.chunks(CHUNK).enumerate() {
         let k = chunk_budget(k_chunk, chunk.len());
         if k == 0 {
             continue;
         }
-        scratch.members.iter_mut().for_each(Vec::clear);
-        for (i, v) in chunk.iter().enumerate() {
-            let b = &mut scratch.members[floors.bucket(v.abs())];
-            if b.len() < k {
-                b.push((c * CHUNK + i) as u32);
-            }
-        }
-        let mut left = k;
-        for b in &scratch.members {
-            let take = b.len().min(left);
-            out.extend_from_slice(&b[..take]);
-            left -= take;
-            if left == 0 {
+        let mut counts = [0usize; BUCKETS];
+        chunk
+            .iter()
+            .for_each(|v| counts[floors.bucket(v.abs())] += 1);
+        // The boundary bucket, and how many of its members complete the budget.
+        let (mut boundary, mut from_boundary) = (BUCKETS - 1, 0);
+        let mut taken = 0;
+        for (b, &n) in counts.iter().enumerate() {
+            if taken + n >= k {
+                (boundary, from_boundary) = (b, k - taken);
                 break;
             }
+            taken += n;
+        }
+        for (i, v) in chunk.iter().enumerate() {
+            let b = floors.bucket(v.abs());
+            if b == boundary && from_boundary > 0 {
+                from_boundary -= 1;
+            } else if b >= boundary {
+                continue;
+            }
+            out.push((c * CHUNK + i) as u32);
         }
     }
 }

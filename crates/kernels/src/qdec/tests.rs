@@ -61,13 +61,7 @@ fn bucket_selection_agrees_with_exact_top_k_outside_the_boundary_bucket() {
                 x[trial] = 500.0; // beyond anything calibration saw: the open top bucket
             }
             let mut got = Vec::new();
-            select_bucket(
-                &x,
-                k_chunk,
-                &floors,
-                &mut BucketScratch::default(),
-                &mut got,
-            );
+            select_bucket(&x, k_chunk, &floors, &mut got);
             for c0 in (0..n).step_by(CHUNK) {
                 let c1 = (c0 + CHUNK).min(n);
                 let chosen: Vec<u32> = got
