@@ -43,6 +43,19 @@ pub fn main(args: Args) -> Result<()> {
     let start = Instant::now();
     let model_path = recoup_assets::resolve(&args.model, recoup_assets::AssetKind::Model)?;
     let q = &args.quantized;
+    // The sidecar is a file of its own: never one that replaces a checkpoint's weights.
+    let out_dir = args.out.parent().filter(|p| !p.as_os_str().is_empty());
+    let out_dir = out_dir
+        .unwrap_or(std::path::Path::new("."))
+        .canonicalize()
+        .ok();
+    if args.out.is_dir() || (out_dir.is_some() && out_dir == q.canonicalize().ok()) {
+        bail!(
+            "--out {} would be a directory or a file inside the checkpoint {}; write the sidecar beside it",
+            args.out.display(),
+            q.display()
+        );
+    }
     let q_dir = HfDir::open(q).with_context(|| format!("{} is not a checkpoint", q.display()))?;
     let meta_json = q_dir
         .metadata(METADATA_KEY)

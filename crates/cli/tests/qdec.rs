@@ -143,6 +143,18 @@ fn bad_residual_files_and_flags_are_clear_errors() {
         fails(&args, want)
     };
     call(ppl(&other, &["--qdec", r]), "built for another checkpoint");
+    // The builder never writes into the checkpoint it reads.
+    let inside = format!("{ck}/model.safetensors");
+    let args = [
+        "residual",
+        "--model",
+        "smollm2-135m",
+        "--quantized",
+        &ck,
+        "--out",
+        &inside,
+    ];
+    fails(&args, "inside the checkpoint");
     call(
         ppl("smollm2-135m", &["--qdec", r]),
         "needs a recoup checkpoint",
