@@ -172,17 +172,16 @@ fn qdec(s: &mut Stream, m: &PackedMatrix, act: &QuantizedActivation, x: &[f32], 
         let xs: Vec<f32> = (0..n).map(|_| s.unit()).collect();
         for k_chunk in [2, 8, 64] {
             let mut out = Vec::new();
-            let mut scratch = Vec::new();
             let t = time(|| {
                 out.clear();
-                select_exact(&xs, k_chunk, &mut scratch, &mut out);
+                select_exact(&xs, k_chunk, &mut out);
             });
             println!("select_exact n {n} k_chunk {k_chunk}: {:.2} µs", t * 1e6);
         }
     }
     for k_chunk in [0, 1, 8, 16, 64] {
         let mut channels = Vec::new();
-        select_exact(x, k_chunk, &mut Vec::new(), &mut channels);
+        select_exact(x, k_chunk, &mut channels);
         let xs: Vec<f32> = channels.iter().map(|&i| x[i as usize]).collect();
         let e = ResidualEpilogue {
             residual: ResidualRef {

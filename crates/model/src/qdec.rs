@@ -186,7 +186,7 @@ impl Compensation {
         let static_set = match (select, &residual.mean_abs) {
             (Select::Static, Some(m)) => {
                 let mut set = Vec::new();
-                qdec::select_exact(m, k_chunk, &mut Vec::new(), &mut set);
+                qdec::select_exact(m, k_chunk, &mut set);
                 set
             }
             (Select::Static, None) => {
@@ -232,7 +232,7 @@ impl Compensation {
     pub fn select_fresh(&self, x: &[f32]) -> Selected {
         let mut channels = Vec::with_capacity(total_budget(self.k_chunk, x.len()));
         match self.select {
-            Select::Exact => qdec::select_exact(x, self.k_chunk, &mut Vec::new(), &mut channels),
+            Select::Exact => qdec::select_exact(x, self.k_chunk, &mut channels),
             Select::Bucket => {
                 let floors = self.floors.as_ref().expect("set for bucket selection");
                 qdec::select_bucket(x, self.k_chunk, floors, &mut channels);

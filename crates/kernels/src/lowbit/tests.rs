@@ -368,7 +368,7 @@ fn residual_in_the_epilogue_equals_a_separate_pass() {
     let x = random_activation(&mut rng, cols);
     let act = QuantizedActivation::quantize(&x);
     let mut channels = Vec::new();
-    select_exact(&x, 32, &mut Vec::new(), &mut channels);
+    select_exact(&x, 32, &mut channels);
     let xs: Vec<f32> = channels.iter().map(|&i| x[i as usize]).collect();
     let residual = ResidualEpilogue {
         residual: ResidualRef {

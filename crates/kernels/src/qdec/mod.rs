@@ -51,8 +51,8 @@ pub fn total_budget(k_chunk: usize, n: usize) -> usize {
 const INSERTION_MAX_K: usize = 64;
 
 /// Indices of the `k_chunk` largest `|x_i|` of every chunk, appended to `out` chunk by chunk
-/// (in no particular order within a chunk). `scratch` is reused between calls.
-pub fn select_exact(x: &[f32], k_chunk: usize, scratch: &mut Vec<u32>, out: &mut Vec<u32>) {
+/// (in no particular order within a chunk).
+pub fn select_exact(x: &[f32], k_chunk: usize, out: &mut Vec<u32>) {
     for (c, chunk) in x.chunks(CHUNK).enumerate() {
         let k = chunk_budget(k_chunk, chunk.len());
         let base = (c * CHUNK) as u32;
@@ -63,15 +63,14 @@ pub fn select_exact(x: &[f32], k_chunk: usize, scratch: &mut Vec<u32>, out: &mut
             top_k_by_insertion(chunk, k, base, out);
             continue;
         }
-        scratch.clear();
-        scratch.extend((0..chunk.len() as u32).map(|i| i + base));
+        let mut order: Vec<u32> = (0..chunk.len() as u32).map(|i| i + base).collect();
         if k < chunk.len() {
             // Larger |x| first; NaN-free inputs (activations of a finite model).
-            scratch.select_nth_unstable_by(k - 1, |&a, &b| {
+            order.select_nth_unstable_by(k - 1, |&a, &b| {
                 x[b as usize].abs().total_cmp(&x[a as usize].abs())
             });
         }
-        out.extend_from_slice(&scratch[..k]);
+        out.extend_from_slice(&order[..k]);
     }
 }
 

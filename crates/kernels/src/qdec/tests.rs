@@ -31,8 +31,8 @@ fn exact_selection_is_the_top_k_of_every_chunk_by_sorting() {
     let mut rng = StdRng::seed_from_u64(1);
     for (n, k_chunk) in [(4864, 8), (896, 16), (576, 64), (2048, 1), (1024, 1024)] {
         let x = activation(&mut rng, n);
-        let (mut scratch, mut got) = (Vec::new(), Vec::new());
-        select_exact(&x, k_chunk, &mut scratch, &mut got);
+        let mut got = Vec::new();
+        select_exact(&x, k_chunk, &mut got);
         let mut expected = Vec::new();
         for c0 in (0..n).step_by(CHUNK) {
             let mut idx: Vec<u32> = (c0 as u32..(c0 + CHUNK).min(n) as u32).collect();
@@ -179,7 +179,7 @@ fn simd_residual_matches_scalar_and_the_dense_product() {
         let r = residual(&mut rng, rows, cols);
         let x = activation(&mut rng, cols);
         let mut channels = Vec::new();
-        select_exact(&x, k_chunk, &mut Vec::new(), &mut channels);
+        select_exact(&x, k_chunk, &mut channels);
         let xs: Vec<f32> = channels.iter().map(|&i| x[i as usize]).collect();
         let e = r.epilogue(&channels, &xs);
         let base: Vec<f32> = (0..rows).map(|_| rng.random_range(-1.0..1.0)).collect();
@@ -214,7 +214,7 @@ fn all_channels_and_exact_levels_give_the_full_residual_product() {
     let r = residual(&mut rng, rows, cols);
     let x = activation(&mut rng, cols);
     let mut channels = Vec::new();
-    select_exact(&x, CHUNK, &mut Vec::new(), &mut channels);
+    select_exact(&x, CHUNK, &mut channels);
     assert_eq!(channels.len(), cols);
     let xs: Vec<f32> = channels.iter().map(|&i| x[i as usize]).collect();
     let mut y = vec![0f32; rows];
