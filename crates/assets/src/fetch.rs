@@ -22,6 +22,7 @@ fn asset_path(asset: &Asset) -> PathBuf {
     let sub = match asset.kind {
         AssetKind::Model => "models",
         AssetKind::Text => "texts",
+        AssetKind::Task => "tasks",
     };
     cache_dir().join(sub).join(asset.file_name)
 }

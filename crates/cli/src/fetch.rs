@@ -3,7 +3,8 @@ use anyhow::Result;
 #[derive(clap::Args)]
 pub struct Args {
     /// Asset names (models: smollm2-135m, qwen2.5-coder-0.5b, qwen2.5-coder-1.5b; texts: wiki,
-    /// wiki-calib, wiki-heldout, c4, code, tiny, technical, multilingual). None: all of them.
+    /// wiki-calib, wiki-heldout, c4, code, tiny, technical, multilingual; zero-shot tasks: piqa,
+    /// arc_easy, arc_challenge, hellaswag, winogrande, boolq, lambada). None: all of them.
     names: Vec<String>,
     /// List the known assets and where they are cached, without fetching.
     #[arg(long)]

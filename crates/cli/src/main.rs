@@ -2,6 +2,7 @@
 
 mod bench;
 mod convert;
+mod eval;
 mod fetch;
 mod inspect;
 mod ppl;
@@ -41,6 +42,8 @@ enum Command {
     Convert(convert::Args),
     /// Perplexity of a model on a text, under the GPTQ or llama.cpp protocol.
     Ppl(ppl::Args),
+    /// Zero-shot accuracy on PIQA, ARC, HellaSwag, WinoGrande, BoolQ, LAMBADA (lm-eval semantics).
+    Eval(eval::Args),
     /// Generate text from a prompt, streamed to stdout.
     Run(run::Args),
     /// Prompt-processing and generation speed, weight traffic and bandwidth reached.
@@ -71,6 +74,7 @@ fn real_main(cli: Cli) -> Result<()> {
         Command::Fetch(a) => fetch::main(a),
         Command::Convert(a) => convert::main(a),
         Command::Ppl(a) => ppl::main(a),
+        Command::Eval(a) => eval::main(a),
         Command::Run(a) => run::main(a),
         Command::Bench(a) => bench::main(a),
         Command::Quantize(a) => quantize::main(a),

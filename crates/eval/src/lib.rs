@@ -2,3 +2,4 @@
 
 pub mod ppl;
 pub mod speed;
+pub mod zeroshot;

@@ -48,10 +48,15 @@ pub struct RopeTable {
 impl RopeTable {
     /// `inv_freq[i]` is the angle per position of pair `i` (already divided by any scaling).
     pub fn new(inv_freq: &[f64], first_pos: usize, n_pos: usize) -> Self {
+        Self::at_positions(inv_freq, first_pos..first_pos + n_pos)
+    }
+
+    /// The table of rows at arbitrary positions (the branches of a tree of continuations).
+    pub fn at_positions(inv_freq: &[f64], positions: impl ExactSizeIterator<Item = usize>) -> Self {
         let half = inv_freq.len();
-        let mut cos = Vec::with_capacity(n_pos * half);
-        let mut sin = Vec::with_capacity(n_pos * half);
-        for p in first_pos..first_pos + n_pos {
+        let mut cos = Vec::with_capacity(positions.len() * half);
+        let mut sin = Vec::with_capacity(positions.len() * half);
+        for p in positions {
             for &f in inv_freq {
                 let angle = p as f64 * f;
                 cos.push(angle.cos() as f32);

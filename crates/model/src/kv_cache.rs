@@ -40,6 +40,12 @@ impl KvCache {
         self.len = 0;
     }
 
+    /// Keeps the first `len` positions and forgets the rest: a shared prefix stays cached
+    /// while different continuations of it run.
+    pub fn truncate(&mut self, len: usize) {
+        self.len = self.len.min(len);
+    }
+
     /// Keys and values of `layer`, for the block that appends to them.
     pub(crate) fn layer_mut(&mut self, layer: usize) -> (&mut [f32], &mut [f32]) {
         (&mut self.k[layer], &mut self.v[layer])

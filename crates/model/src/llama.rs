@@ -8,7 +8,7 @@ use crate::qdec::{Compensation, QdecOptions, SharedSelection};
 use anyhow::{Context, Result, anyhow, bail};
 use recoup_formats::TensorSource;
 use recoup_formats::residual::{ResidualFile, Tier};
-use recoup_kernels::attention::{AttentionShape, causal_attention};
+use recoup_kernels::attention::{AttentionShape, TreeMask, causal_attention};
 use recoup_kernels::ops::{RopeTable, rms_norm, silu_mul};
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -143,7 +143,9 @@ impl Block {
 
     /// Runs the block on `t` positions (`x`, updated in place) after the `p0` positions whose
     /// keys and values `k_cache` and `v_cache` hold (rows of `kv_dim`; the new ones are
-    /// written after them). `tap` sees each distinct linear input as it is computed.
+    /// written after them). `tree`: the new positions form a tree rather than one sequence
+    /// (`rope` then holds each one's position). `tap` sees each distinct linear input as it
+    /// is computed.
     #[allow(clippy::too_many_arguments)]
     pub fn forward(
         &self,
@@ -154,9 +156,10 @@ impl Block {
         v_cache: &mut [f32],
         p0: usize,
         rope: &RopeTable,
+        tree: Option<&TreeMask>,
         tap: &mut dyn FnMut(Site, &[f32]),
     ) {
-        let gate = self.forward_to_down(c, x, t, k_cache, v_cache, p0, rope, tap);
+        let gate = self.forward_to_down(c, x, t, k_cache, v_cache, p0, rope, tree, tap);
         let down = self.down.forward(&gate, t);
         x.iter_mut().zip(&down).for_each(|(a, b)| *a += b);
     }
@@ -174,6 +177,7 @@ impl Block {
         v_cache: &mut [f32],
         p0: usize,
         rope: &RopeTable,
+        tree: Option<&TreeMask>,
         tap: &mut dyn FnMut(Site, &[f32]),
     ) -> Vec<f32> {
         let mut h = vec![0f32; x.len()];
@@ -193,7 +197,7 @@ impl Block {
             n_kv_heads: c.n_kv_heads,
             head_dim: c.head_dim,
         };
-        causal_attention(&q, k_cache, v_cache, &mut attn, t, p0, shape);
+        causal_attention(&q, k_cache, v_cache, &mut attn, t, p0, shape, tree);
         tap(Site::O, &attn);
         let o = self.o.forward(&attn, t);
         x.iter_mut().zip(&o).for_each(|(a, b)| *a += b);
@@ -267,31 +271,80 @@ impl Model {
         cache: &mut KvCache,
         tap: &mut dyn FnMut(usize, Site, &[f32]),
     ) -> Result<Vec<f32>> {
-        let c = &self.config;
-        let (t, d, p0) = (tokens.len(), c.hidden_size, cache.len());
-        if p0 + t > c.max_position {
-            bail!(
-                "{} positions exceed the model's context of {}",
-                p0 + t,
-                c.max_position
-            );
+        let p0 = cache.len();
+        self.check_room(cache, p0 + tokens.len(), tokens.len())?;
+        let rope = RopeTable::new(&self.inv_freq, p0, tokens.len());
+        let out = self.run(tokens, cache, &rope, None, tap)?;
+        cache.advance(tokens.len());
+        Ok(out)
+    }
+
+    /// Runs a forest of new positions after the cached prefix in one pass: `parents[i]` is
+    /// the new position token `i` continues (`None`: the prefix's last). Each position sees
+    /// the prefix and its own ancestors, at position prefix + depth, so every branch gets
+    /// what [`Self::forward`] would give it alone. Returns the final-normed hidden states;
+    /// the cache keeps only the prefix.
+    pub fn forward_tree(
+        &self,
+        tokens: &[u32],
+        parents: &[Option<usize>],
+        cache: &mut KvCache,
+    ) -> Result<Vec<f32>> {
+        if parents.len() != tokens.len() {
+            bail!("{} parents for {} tokens", parents.len(), tokens.len());
         }
-        if p0 + t > cache.capacity() {
+        let mut depth = vec![0usize; tokens.len()];
+        for (i, parent) in parents.iter().enumerate() {
+            if let Some(p) = *parent {
+                if p >= i {
+                    bail!("tree position {i} has parent {p}, not an earlier position");
+                }
+                depth[i] = depth[p] + 1;
+            }
+        }
+        let p0 = cache.len();
+        let deepest = depth.iter().max().map_or(0, |d| d + 1);
+        self.check_room(cache, p0 + deepest, tokens.len())?;
+        let rope = RopeTable::at_positions(&self.inv_freq, depth.iter().map(|d| p0 + d));
+        let tree = TreeMask::from_parents(parents);
+        self.run(tokens, cache, &rope, Some(&tree), &mut |_, _, _| {})
+    }
+
+    /// Refuses a run reaching position `end` or storing `t` new positions the cache cannot hold.
+    fn check_room(&self, cache: &KvCache, end: usize, t: usize) -> Result<()> {
+        let max = self.config.max_position;
+        if end > max {
+            bail!("{end} positions exceed the model's context of {max}");
+        }
+        if cache.len() + t > cache.capacity() {
             bail!(
                 "{} positions exceed the KV cache's {}",
-                p0 + t,
+                cache.len() + t,
                 cache.capacity()
             );
         }
+        Ok(())
+    }
+
+    /// The blocks and the final norm over `tokens`, written into the cache after its
+    /// positions (which the caller then keeps or not).
+    fn run(
+        &self,
+        tokens: &[u32],
+        cache: &mut KvCache,
+        rope: &RopeTable,
+        tree: Option<&TreeMask>,
+        tap: &mut dyn FnMut(usize, Site, &[f32]),
+    ) -> Result<Vec<f32>> {
+        let c = &self.config;
+        let (t, d, p0) = (tokens.len(), c.hidden_size, cache.len());
         let mut x = embed_tokens(&self.embed, d, tokens)?;
-        let rope = RopeTable::new(&self.inv_freq, p0, t);
         for (layer, block) in self.blocks.iter().enumerate() {
             let (k, v) = cache.layer_mut(layer);
-            block.forward(c, &mut x, t, k, v, p0, &rope, &mut |site, x| {
+            block.forward(c, &mut x, t, k, v, p0, rope, tree, &mut |site, x| {
                 tap(layer, site, x)
             });
         }
-        cache.advance(t);
         let mut out = vec![0f32; t * d];
         rms_norm(&x, &self.norm, c.rms_eps, &mut out);
         Ok(out)

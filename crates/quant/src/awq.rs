@@ -453,7 +453,7 @@ mod tests {
         let run = |w: &BlockWeights| {
             let mut y = x.clone();
             let (mut k, mut v) = (vec![0f32; t * c.kv_dim()], vec![0f32; t * c.kv_dim()]);
-            dense_block(w).forward(c, &mut y, t, &mut k, &mut v, 0, &rope, &mut |_, _| {});
+            dense_block(w).forward(c, &mut y, t, &mut k, &mut v, 0, &rope, None, &mut |_, _| {});
             y
         };
         let mut block = read_block_weights(c, src, 3).unwrap();

@@ -230,9 +230,9 @@ impl Activations {
                 }
             };
             if update {
-                block.forward(c, target, t, &mut k, &mut v, 0, &self.rope, &mut tap);
+                block.forward(c, target, t, &mut k, &mut v, 0, &self.rope, None, &mut tap);
             } else {
-                block.forward_to_down(c, target, t, &mut k, &mut v, 0, &self.rope, &mut tap);
+                block.forward_to_down(c, target, t, &mut k, &mut v, 0, &self.rope, None, &mut tap);
             }
         }
     }
