@@ -14,7 +14,7 @@ use recoup_kernels::ops::log_prob;
 use recoup_model::{KvCache, Model};
 use serde::Serialize;
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Protocol {
     Gptq,
@@ -23,11 +23,34 @@ pub enum Protocol {
 
 impl Protocol {
     /// Positions whose logits are scored in a window of `ctx` (each predicts the next token).
-    fn scored_positions(self, ctx: usize) -> std::ops::Range<usize> {
+    pub fn scored_positions(self, ctx: usize) -> std::ops::Range<usize> {
         match self {
             Protocol::Gptq => 0..ctx - 1,
             Protocol::Llamacpp => ctx / 2..ctx - 1,
         }
+    }
+
+    /// Window `w` of `ctx` tokens, its first replaced by BOS where the protocol asks.
+    pub fn window(self, tokens: &[u32], w: usize, ctx: usize, bos: Option<u32>) -> Vec<u32> {
+        let mut window = tokens[w * ctx..(w + 1) * ctx].to_vec();
+        if self == Protocol::Llamacpp
+            && let Some(b) = bos
+        {
+            window[0] = b;
+        }
+        window
+    }
+
+    /// How many windows of `ctx` to score: all of `tokens`, or the first `max`.
+    pub fn window_count(tokens: usize, ctx: usize, max: Option<usize>) -> Result<usize> {
+        if ctx < 4 {
+            bail!("--ctx {ctx} is too small (at least 4)");
+        }
+        let available = tokens / ctx;
+        if available == 0 {
+            bail!("the text has {tokens} tokens, fewer than one window of --ctx {ctx}");
+        }
+        Ok(max.map_or(available, |m| m.min(available)))
     }
 }
 
@@ -59,28 +82,13 @@ pub fn perplexity(
     max_windows: Option<usize>,
     mut on_window: impl FnMut(usize, usize, f64),
 ) -> Result<PplResult> {
-    if ctx < 4 {
-        bail!("--ctx {ctx} is too small (at least 4)");
-    }
-    let available = tokens.len() / ctx;
-    if available == 0 {
-        bail!(
-            "the text has {} tokens, fewer than one window of --ctx {ctx}",
-            tokens.len()
-        );
-    }
-    let windows = max_windows.map_or(available, |m| m.min(available));
+    let windows = Protocol::window_count(tokens.len(), ctx, max_windows)?;
     let scored = protocol.scored_positions(ctx);
     let vocab = model.config.vocab_size;
     let mut cache = KvCache::new(&model.config, ctx);
     let (mut sum, mut sum_sq, mut count) = (0f64, 0f64, 0usize);
     for w in 0..windows {
-        let mut window = tokens[w * ctx..(w + 1) * ctx].to_vec();
-        if protocol == Protocol::Llamacpp
-            && let Some(b) = bos
-        {
-            window[0] = b;
-        }
+        let window = protocol.window(tokens, w, ctx, bos);
         cache.clear();
         let hidden = model.forward(&window, &mut cache)?;
         let d = model.config.hidden_size;

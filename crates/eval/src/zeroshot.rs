@@ -6,8 +6,10 @@
 //!   continuation's tokens. The pair is encoded as lm-eval's `_encode_pair` does: trailing
 //!   spaces of the context move to the continuation, the context is encoded alone, the
 //!   continuation's tokens are what encoding context + continuation adds after them.
-//! * The choices of an instance share their context, so the context runs once and each
-//!   continuation runs from its KV cache (the batching lm-eval does by prefix).
+//! * Choices that share a context (all but WinoGrande's, whose contexts end with the
+//!   option) run it once, each continuation branching from it; many instances are packed
+//!   into one forward pass as a tree of sequences ([`Model::forward_tree`]), where lm-eval
+//!   batches by prefix.
 //! * `acc`: the choice of highest log-likelihood is the gold one (first on ties, as
 //!   `np.argmax`). `acc_norm`: the same after dividing by the choice's length in characters
 //!   (lm-eval's `completion_len`, the choice without its leading space); reported where
@@ -103,13 +105,18 @@ pub fn task(name: &str) -> Result<&'static TaskSpec> {
     })
 }
 
-/// One question: a context, its candidate continuations, and the right one.
+/// One question: its candidate (context, continuation) pairs and the right one.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Instance {
     pub doc_id: i64,
-    pub context: String,
-    pub continuations: Vec<String>,
+    pub choices: Vec<Choice>,
     pub gold: usize,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct Choice {
+    pub context: String,
+    pub continuation: String,
 }
 
 /// OLMES request files also hold "unconditional" requests (context `Answer:`) for another
@@ -122,8 +129,8 @@ pub fn read_instances(path: &Path, spec: &TaskSpec, limit: Option<usize>) -> Res
         std::fs::File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
     let reader = BufReader::new(flate2::read::MultiGzDecoder::new(file));
     let mut instances: Vec<Instance> = Vec::new();
-    // Per instance: continuation of each choice index, filled as the lines come.
-    let mut choices: Vec<Vec<Option<String>>> = Vec::new();
+    // Per instance: each choice index's pair, filled as the lines come.
+    let mut choices: Vec<Vec<Option<Choice>>> = Vec::new();
     let mut by_doc: HashMap<i64, usize> = HashMap::new();
     for (n, line) in reader.lines().enumerate() {
         let at = || format!("{} line {}", path.display(), n + 1);
@@ -155,10 +162,6 @@ pub fn read_instances(path: &Path, spec: &TaskSpec, limit: Option<usize>) -> Res
                 if limit.is_some_and(|l| instances.len() >= l) {
                     continue;
                 }
-                let context = match spec.prompt {
-                    Prompt::Request => field(&v["request"]["context"], "request.context")?,
-                    Prompt::Question => field(&v["doc"]["query"], "doc.query")?,
-                };
                 let gold = match spec.scoring {
                     Scoring::Choice { .. } => v["label"]
                         .as_u64()
@@ -169,8 +172,7 @@ pub fn read_instances(path: &Path, spec: &TaskSpec, limit: Option<usize>) -> Res
                 by_doc.insert(doc_id, instances.len());
                 instances.push(Instance {
                     doc_id,
-                    context,
-                    continuations: Vec::new(),
+                    choices: Vec::new(),
                     gold,
                 });
                 choices.push(Vec::new());
@@ -184,18 +186,24 @@ pub fn read_instances(path: &Path, spec: &TaskSpec, limit: Option<usize>) -> Res
                 as usize,
             Scoring::LastWord => 0,
         };
-        let continuation = field(&v["request"]["continuation"], "request.continuation")?;
+        let choice = Choice {
+            context: match spec.prompt {
+                Prompt::Request => field(&v["request"]["context"], "request.context")?,
+                Prompt::Question => field(&v["doc"]["query"], "doc.query")?,
+            },
+            continuation: field(&v["request"]["continuation"], "request.continuation")?,
+        };
         let row = &mut choices[slot];
         if row.len() <= idx {
             row.resize(idx + 1, None);
         }
-        if row[idx].replace(continuation).is_some() {
+        if row[idx].replace(choice).is_some() {
             bail!("{}: document {doc_id} has choice {idx} twice", at());
         }
     }
     for (inst, row) in instances.iter_mut().zip(choices) {
         let n = row.len();
-        inst.continuations = row
+        inst.choices = row
             .into_iter()
             .enumerate()
             .map(|(i, c)| {
@@ -256,21 +264,22 @@ const BATCH_TOKENS: usize = 512;
 /// Logit rows materialized at once: bounds memory for large vocabularies.
 const LOGIT_ROWS: usize = 64;
 
-/// An instance as tokens: the shared context, and each continuation.
+/// An instance as tokens: its distinct contexts, and each choice's continuation with the
+/// index of its context.
 struct Encoded {
-    context: Vec<u32>,
-    continuations: Vec<Vec<u32>>,
+    contexts: Vec<Vec<u32>>,
+    continuations: Vec<(usize, Vec<u32>)>,
 }
 
 impl Encoded {
-    /// Positions it adds to a tree: the context, and each continuation but its last token
+    /// Positions it adds to a tree: the contexts, and each continuation but its last token
     /// (which is only predicted).
     fn tree_len(&self) -> usize {
-        self.context.len()
+        self.contexts.iter().map(Vec::len).sum::<usize>()
             + self
                 .continuations
                 .iter()
-                .map(|c| c.len() - 1)
+                .map(|(_, c)| c.len() - 1)
                 .sum::<usize>()
     }
 }
@@ -291,57 +300,60 @@ impl<'a> Scorer<'a> {
         }
     }
 
-    /// Context tokens and each continuation's tokens, lm-eval's way, the context cut from
-    /// the left when the longest choice would not fit the model.
-    fn encode(&self, context: &str, continuations: &[String]) -> Result<Encoded> {
+    /// Each choice's context and continuation tokens, lm-eval's way; a context is cut from
+    /// the left when its longest continuation would not fit the model.
+    fn encode(&self, choices: &[Choice]) -> Result<Encoded> {
         let tk = self.tokenizer;
-        // The context is the same for every choice, and so is its split.
-        let (ctx_text, _) = split_pair(context, "");
-        let mut ctx = tk.encode_with_bos(ctx_text, false)?;
-        if ctx.is_empty() {
-            bail!("the context is empty and the model adds no BOS to condition on");
-        }
-        let conts = continuations
-            .iter()
-            .map(|c| {
-                let (ctx_text, cont) = split_pair(context, c);
-                let whole = tk.encode_with_bos(&format!("{ctx_text}{cont}"), false)?;
-                let tail = whole.get(ctx.len()..).unwrap_or(&[]).to_vec();
-                if tail.is_empty() {
-                    bail!("continuation {c:?} adds no token to its context");
+        let mut texts: Vec<&str> = Vec::new();
+        let mut contexts: Vec<Vec<u32>> = Vec::new();
+        let mut continuations = Vec::with_capacity(choices.len());
+        for choice in choices {
+            let (ctx_text, cont) = split_pair(&choice.context, &choice.continuation);
+            let at = match texts.iter().position(|t| *t == ctx_text) {
+                Some(at) => at,
+                None => {
+                    let ctx = tk.encode_with_bos(ctx_text, false)?;
+                    if ctx.is_empty() {
+                        bail!("a context is empty and the model adds no BOS to condition on");
+                    }
+                    texts.push(ctx_text);
+                    contexts.push(ctx);
+                    contexts.len() - 1
                 }
-                Ok(tail)
-            })
-            .collect::<Result<Vec<_>>>()?;
-        let longest = conts.iter().map(Vec::len).max().unwrap_or(0);
-        // The last token is only predicted: the deepest position is ctx + longest − 2.
+            };
+            let whole = tk.encode_with_bos(&format!("{ctx_text}{cont}"), false)?;
+            let tail = whole.get(contexts[at].len()..).unwrap_or(&[]).to_vec();
+            if tail.is_empty() {
+                bail!(
+                    "continuation {:?} adds no token to its context",
+                    choice.continuation
+                );
+            }
+            continuations.push((at, tail));
+        }
+        // The last token is only predicted: the deepest position is ctx + cont − 2.
         let room = self.model.config.max_position + 1;
-        if ctx.len() + longest > room {
+        for (at, ctx) in contexts.iter_mut().enumerate() {
+            let longest = continuations
+                .iter()
+                .filter(|(c, _)| *c == at)
+                .map(|(_, t)| t.len())
+                .max()
+                .unwrap_or(0);
             if longest >= room {
                 bail!(
                     "a continuation of {longest} tokens does not fit the model's context of {}",
                     room - 1
                 );
             }
-            ctx.drain(..ctx.len() + longest - room);
+            if ctx.len() + longest > room {
+                ctx.drain(..ctx.len() + longest - room);
+            }
         }
         Ok(Encoded {
-            context: ctx,
-            continuations: conts,
+            contexts,
+            continuations,
         })
-    }
-
-    /// Log-likelihood of each continuation after `context`.
-    pub fn score(&mut self, context: &str, continuations: &[String]) -> Result<Vec<Loglik>> {
-        let inst = Instance {
-            doc_id: 0,
-            context: context.to_string(),
-            continuations: continuations.to_vec(),
-            gold: 0,
-        };
-        Ok(self
-            .score_all(std::slice::from_ref(&inst), |_| {})?
-            .remove(0))
     }
 
     /// Each instance's per-choice log-likelihoods. `on_done(n)` after each batch of `n`.
@@ -355,7 +367,7 @@ impl<'a> Scorer<'a> {
         let mut batch_len = 0;
         for (i, inst) in instances.iter().enumerate() {
             let enc = self
-                .encode(&inst.context, &inst.continuations)
+                .encode(&inst.choices)
                 .with_context(|| format!("document {}", inst.doc_id))?;
             if !batch.is_empty() && batch_len + enc.tree_len() > BATCH_TOKENS {
                 out.extend(self.run_batch(&batch)?);
@@ -380,13 +392,20 @@ impl<'a> Scorer<'a> {
         // Per instance, per continuation: the tokens it predicts.
         let mut targets: Vec<Vec<Vec<Target>>> = Vec::with_capacity(batch.len());
         for enc in batch {
-            let first = tokens.len();
-            tokens.extend_from_slice(&enc.context);
-            parents.extend((first..tokens.len()).map(|i| (i > first).then(|| i - 1)));
-            let ctx_last = tokens.len() - 1;
+            // The row of each context's last token, which predicts its continuations' first.
+            let ctx_last: Vec<usize> = enc
+                .contexts
+                .iter()
+                .map(|ctx| {
+                    let first = tokens.len();
+                    tokens.extend_from_slice(ctx);
+                    parents.extend((first..tokens.len()).map(|i| (i > first).then(|| i - 1)));
+                    tokens.len() - 1
+                })
+                .collect();
             let mut per_choice = Vec::with_capacity(enc.continuations.len());
-            for cont in &enc.continuations {
-                let mut row = ctx_last;
+            for (at, cont) in &enc.continuations {
+                let mut row = ctx_last[*at];
                 let mut predicted = Vec::with_capacity(cont.len());
                 for (m, &token) in cont.iter().enumerate() {
                     predicted.push(Target { row, token });
@@ -527,8 +546,8 @@ pub fn task_metrics(spec: &TaskSpec, instances: &[Instance], scores: &[Vec<Logli
                     .map(|(inst, s)| {
                         let per_char = s
                             .iter()
-                            .zip(&inst.continuations)
-                            .map(|(l, c)| l.logprob / choice_chars(c));
+                            .zip(&inst.choices)
+                            .map(|(l, c)| l.logprob / choice_chars(&c.continuation));
                         hit(first_argmax(per_char), inst)
                     })
                     .collect();
@@ -578,8 +597,13 @@ mod tests {
     fn inst(continuations: &[&str], gold: usize) -> Instance {
         Instance {
             doc_id: 0,
-            context: "Q:".into(),
-            continuations: continuations.iter().map(|c| c.to_string()).collect(),
+            choices: continuations
+                .iter()
+                .map(|c| Choice {
+                    context: "Q:".into(),
+                    continuation: c.to_string(),
+                })
+                .collect(),
             gold,
         }
     }
@@ -674,17 +698,27 @@ mod tests {
             request(7, 1, "C7", " b", 1),
             request(7, 0, "C7", " a", 1),
             request(1_000_007, 0, "Answer:", " a", 1),
-            request(3, 0, "C3", " c", 0),
-            request(3, 1, "C3", " d", 0),
+            request(3, 0, "C3 option a", " rest", 0),
+            request(3, 1, "C3 option b", " rest", 0),
         ]);
         let spec = task("arc_easy").unwrap();
         let all = read_instances(file.path(), spec, None).unwrap();
         assert_eq!(all.len(), 2);
-        assert_eq!(all[0].continuations, vec![" a", " b"]);
-        assert_eq!((all[0].gold, all[0].context.as_str()), (1, "0-shot C7"));
+        let conts: Vec<&str> = all[0]
+            .choices
+            .iter()
+            .map(|c| c.continuation.as_str())
+            .collect();
+        assert_eq!(conts, vec![" a", " b"]);
+        assert_eq!(all[0].gold, 1);
+        assert!(all[0].choices.iter().all(|c| c.context == "0-shot C7"));
+        // Partial scoring: each choice keeps its own context.
+        let wino = read_instances(file.path(), task("winogrande").unwrap(), None).unwrap();
+        assert_eq!(wino[1].choices[0].context, "C3 option a");
+        assert_eq!(wino[1].choices[1].context, "C3 option b");
         let first = read_instances(file.path(), task("piqa").unwrap(), Some(1)).unwrap();
         assert_eq!(first.len(), 1);
-        assert_eq!(first[0].context, "C7");
+        assert_eq!(first[0].choices[1].context, "C7");
     }
 
     #[test]
