@@ -5,6 +5,7 @@ mod convert;
 mod eval;
 mod fetch;
 mod inspect;
+mod kld;
 mod ppl;
 mod progress;
 mod quantize;
@@ -44,6 +45,8 @@ enum Command {
     Ppl(ppl::Args),
     /// Zero-shot accuracy on PIQA, ARC, HellaSwag, WinoGrande, BoolQ, LAMBADA (lm-eval semantics).
     Eval(eval::Args),
+    /// KL-divergence of a model's next-token distribution from a reference's, top-1 agreement, Δppl.
+    Kld(kld::Args),
     /// Generate text from a prompt, streamed to stdout.
     Run(run::Args),
     /// Prompt-processing and generation speed, weight traffic and bandwidth reached.
@@ -75,6 +78,7 @@ fn real_main(cli: Cli) -> Result<()> {
         Command::Convert(a) => convert::main(a),
         Command::Ppl(a) => ppl::main(a),
         Command::Eval(a) => eval::main(a),
+        Command::Kld(a) => kld::main(a),
         Command::Run(a) => run::main(a),
         Command::Bench(a) => bench::main(a),
         Command::Quantize(a) => quantize::main(a),
@@ -142,6 +146,16 @@ enum LowRankPathArg {
 }
 
 impl KernelArgs {
+    /// The defaults: fast kernels, fused low-rank branch, no QDEC (a reference model).
+    fn plain() -> Self {
+        #[derive(Parser)]
+        struct Defaults {
+            #[command(flatten)]
+            kernels: KernelArgs,
+        }
+        Defaults::parse_from(["recoup"]).kernels
+    }
+
     fn options(&self) -> KernelOptions {
         let low_rank = match (self.no_lowrank, self.lowrank_path) {
             (true, _) | (_, LowRankPathArg::Off) => LowRankPath::Off,

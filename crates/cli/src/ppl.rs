@@ -27,9 +27,18 @@ pub struct Args {
 }
 
 #[derive(Clone, Copy, clap::ValueEnum)]
-enum ProtocolArg {
+pub enum ProtocolArg {
     Gptq,
     Llamacpp,
+}
+
+impl ProtocolArg {
+    pub fn protocol(self) -> Protocol {
+        match self {
+            ProtocolArg::Gptq => Protocol::Gptq,
+            ProtocolArg::Llamacpp => Protocol::Llamacpp,
+        }
+    }
 }
 
 pub fn main(args: Args) -> Result<()> {
@@ -42,10 +51,7 @@ pub fn main(args: Args) -> Result<()> {
     kernels.qdec_prefill = true;
     let loaded = crate::load_model(&args.model, &kernels)?;
     let tk = &loaded.tokenizer;
-    let protocol = match args.protocol {
-        ProtocolArg::Gptq => Protocol::Gptq,
-        ProtocolArg::Llamacpp => Protocol::Llamacpp,
-    };
+    let protocol = args.protocol.protocol();
     // Evaluation text is plain text: special-token spellings in it are not control tokens.
     let tokens = tk.encode_with_bos(&text, false)?;
     let bos = if tk.add_bos { tk.bos } else { None };

@@ -3,34 +3,7 @@
 
 mod common;
 
-use common::{ppl_with, recoup, stderr};
-use std::path::Path;
-
-fn ok(args: &[&str]) -> std::process::Output {
-    let o = recoup(args);
-    assert!(o.status.success(), "{args:?}: {}", stderr(&o));
-    o
-}
-
-/// A 3-bit RTN checkpoint of SmolLM2 (no calibration: seconds).
-fn checkpoint(dir: &Path, name: &str, bits: &str) -> String {
-    let out = dir.join(name);
-    let out = out.to_str().unwrap();
-    ok(&[
-        "quantize",
-        "--model",
-        "smollm2-135m",
-        "--method",
-        "rtn",
-        "--bits",
-        bits,
-        "--calib",
-        "none",
-        "--out",
-        out,
-    ]);
-    out.to_string()
-}
+use common::{checkpoint, ok, ppl_with, recoup, stderr};
 
 /// Builds the sidecar of checkpoint `ck` into `out`, with `calib` flags.
 fn residual(ck: &str, out: &str, calib: &[&str]) -> std::process::Output {

@@ -25,7 +25,7 @@ use std::io::{BufReader, Read, Write};
 use std::path::{Path, PathBuf};
 
 const MAGIC: &[u8; 8] = b"RCPKLD01";
-const FORMAT_VERSION: u32 = 1;
+pub const FORMAT_VERSION: u32 = 1;
 
 /// Logit rows materialized at once: bounds memory for large vocabularies.
 const LOGIT_ROWS: usize = 64;
@@ -176,6 +176,15 @@ pub fn write_reference(
         }
         Ok(())
     })
+}
+
+/// Whether `path` starts as a reference file does (so it may be replaced by a new one).
+pub fn is_reference_file(path: &Path) -> bool {
+    let mut magic = [0u8; 8];
+    File::open(path)
+        .and_then(|mut f| f.read_exact(&mut magic))
+        .is_ok()
+        && &magic == MAGIC
 }
 
 /// An open reference file, read window by window.
@@ -384,6 +393,37 @@ mod tests {
         assert!((total - 1.0).abs() < 1e-12);
         assert!((r.nll + exact[17]).abs() < 1e-5);
         assert_eq!(r.top, argmax(&row));
+    }
+
+    #[test]
+    fn truncated_or_foreign_files_are_refused_by_name() {
+        let dir = tempfile::tempdir().unwrap();
+        let header = Header {
+            format_version: FORMAT_VERSION,
+            reference: "r".into(),
+            text_sha256: "t".into(),
+            ctx: 8,
+            protocol: Protocol::Gptq,
+            windows: 1,
+            vocab: 4,
+        };
+        let json = serde_json::to_vec(&header).unwrap();
+        let mut bytes = MAGIC.to_vec();
+        bytes.extend_from_slice(&(json.len() as u64).to_le_bytes());
+        bytes.extend_from_slice(&json);
+        bytes.extend(vec![0u8; header.window_bytes()]);
+        let whole = dir.path().join("whole.kld");
+        std::fs::write(&whole, &bytes).unwrap();
+        assert!(ReferenceFile::open(&whole).is_ok());
+        let cut = dir.path().join("cut.kld");
+        std::fs::write(&cut, &bytes[..bytes.len() - 3]).unwrap();
+        let err = ReferenceFile::open(&cut).err().unwrap().to_string();
+        assert!(err.contains("cut.kld") && err.contains("truncated"), "{err}");
+        let foreign = dir.path().join("foreign.bin");
+        std::fs::write(&foreign, b"GGUF and more bytes").unwrap();
+        let err = ReferenceFile::open(&foreign).err().unwrap().to_string();
+        assert!(err.contains("not a recoup KL reference file"), "{err}");
+        assert!(!is_reference_file(&foreign) && is_reference_file(&cut));
     }
 
     #[test]

@@ -1,5 +1,6 @@
 //! Running the `recoup` binary from the integration tests.
 
+use std::path::Path;
 use std::process::{Command, Output};
 
 pub fn recoup(args: &[&str]) -> Output {
@@ -44,4 +45,33 @@ pub fn ppl_with(
     assert!(o.status.success(), "{}", stderr(&o));
     let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
     v["ppl"].as_f64().unwrap()
+}
+
+/// Runs `recoup` and asserts it succeeded.
+#[allow(dead_code)]
+pub fn ok(args: &[&str]) -> Output {
+    let o = recoup(args);
+    assert!(o.status.success(), "{args:?}: {}", stderr(&o));
+    o
+}
+
+/// A `bits`-bit RTN checkpoint of SmolLM2 in `dir` (no calibration: seconds).
+#[allow(dead_code)]
+pub fn checkpoint(dir: &Path, name: &str, bits: &str) -> String {
+    let out = dir.join(name);
+    let out = out.to_str().unwrap();
+    ok(&[
+        "quantize",
+        "--model",
+        "smollm2-135m",
+        "--method",
+        "rtn",
+        "--bits",
+        bits,
+        "--calib",
+        "none",
+        "--out",
+        out,
+    ]);
+    out.to_string()
 }
