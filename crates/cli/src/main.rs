@@ -9,6 +9,7 @@ mod kld;
 mod ppl;
 mod progress;
 mod quantize;
+mod report;
 mod residual;
 mod run;
 
@@ -55,6 +56,8 @@ enum Command {
     Quantize(quantize::Args),
     /// Per-layer method, bits, bits per weight and layer-output error of a checkpoint.
     Inspect(inspect::Args),
+    /// Quantize and measure a matrix of models × methods × bits from a TOML file; markdown and plots.
+    Report(report::Args),
     /// Build QDEC's residual sidecar (4-bit, input-major) for a quantized checkpoint.
     Residual(residual::Args),
 }
@@ -84,6 +87,7 @@ fn real_main(cli: Cli) -> Result<()> {
         Command::Quantize(a) => quantize::main(a),
         Command::Inspect(a) => inspect::main(a),
         Command::Residual(a) => residual::main(a),
+        Command::Report(a) => report::main(a),
     }
 }
 

@@ -81,6 +81,8 @@ pub fn main(args: Args) -> Result<()> {
         v["text_sha256"] = text_sha256.into();
         v["model"] = args.model.clone().into();
         v["add_bos"] = tk.add_bos.into();
+        v["bits_per_weight"] = loaded.model.block_bits_per_weight().into();
+        v["residual_bytes_per_token"] = loaded.model.residual_bytes_per_token().into();
         v["seconds"] = secs.into();
         v["qdec"] = kernels.qdec_record().into();
         v["tokens_per_second"] = (processed as f64 / secs).into();

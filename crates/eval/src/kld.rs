@@ -418,7 +418,10 @@ mod tests {
         let cut = dir.path().join("cut.kld");
         std::fs::write(&cut, &bytes[..bytes.len() - 3]).unwrap();
         let err = ReferenceFile::open(&cut).err().unwrap().to_string();
-        assert!(err.contains("cut.kld") && err.contains("truncated"), "{err}");
+        assert!(
+            err.contains("cut.kld") && err.contains("truncated"),
+            "{err}"
+        );
         let foreign = dir.path().join("foreign.bin");
         std::fs::write(&foreign, b"GGUF and more bytes").unwrap();
         let err = ReferenceFile::open(&foreign).err().unwrap().to_string();

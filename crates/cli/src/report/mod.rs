@@ -1,0 +1,678 @@
+//! `recoup report`: quantize a matrix of cells, measure each (ppl, kld, eval, bench as
+//! configured) by running this binary's own commands, and write a markdown table and plots.
+//!
+//! Every finished step is kept under `OUT/results/CELL/STEP.json` with the exact command
+//! that produced it; a later run reuses a step whose command is unchanged and redoes it
+//! otherwise. Checkpoints live in `OUT/models/` (gitignore them when OUT is in a repo).
+
+mod config;
+mod plot;
+
+use anyhow::{Context, Result, bail};
+use config::{Cell, Config, REFERENCE};
+use serde_json::{Value, json};
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+
+#[derive(clap::Args)]
+pub struct Args {
+    /// The report's TOML configuration (see reports/smollm2.toml).
+    #[arg(long)]
+    config: PathBuf,
+    /// Output directory: REPORT.md, plots (SVG and PNG), results/, models/.
+    #[arg(long)]
+    out: PathBuf,
+}
+
+/// Runs steps as child `recoup` processes, reusing recorded results.
+struct Runner {
+    exe: PathBuf,
+    out: PathBuf,
+}
+
+impl Runner {
+    /// `recoup ARGS --json`, or its recorded result when it ran with the same arguments.
+    fn json_step(&self, cell: &str, step: &str, args: &[String]) -> Result<Value> {
+        let path = self
+            .out
+            .join("results")
+            .join(cell)
+            .join(format!("{step}.json"));
+        if let Some(v) = self.recorded(&path, args) {
+            return Ok(v);
+        }
+        eprintln!("recoup report: [{cell}] {step}: recoup {}", args.join(" "));
+        let output = Command::new(&self.exe)
+            .args(args)
+            .arg("--json")
+            .stdin(Stdio::null())
+            .stderr(Stdio::inherit())
+            .output()
+            .with_context(|| format!("cannot run {}", self.exe.display()))?;
+        if !output.status.success() {
+            bail!(
+                "[{cell}] {step} failed ({}): recoup {}",
+                output.status,
+                args.join(" ")
+            );
+        }
+        let result: Value = serde_json::from_slice(&output.stdout)
+            .with_context(|| format!("[{cell}] {step}: output is not JSON"))?;
+        self.record(&path, args, &result)?;
+        Ok(result)
+    }
+
+    /// `recoup ARGS` writing `product` (a checkpoint or sidecar), unless it was made by the
+    /// same arguments.
+    fn product_step(&self, cell: &str, step: &str, product: &Path, args: &[String]) -> Result<()> {
+        let path = self
+            .out
+            .join("results")
+            .join(cell)
+            .join(format!("{step}.json"));
+        if product.exists() && self.recorded(&path, args).is_some() {
+            return Ok(());
+        }
+        eprintln!("recoup report: [{cell}] {step}: recoup {}", args.join(" "));
+        let status = Command::new(&self.exe)
+            .args(args)
+            .stdin(Stdio::null())
+            .status()
+            .with_context(|| format!("cannot run {}", self.exe.display()))?;
+        if !status.success() {
+            bail!(
+                "[{cell}] {step} failed ({status}): recoup {}",
+                args.join(" ")
+            );
+        }
+        self.record(
+            &path,
+            args,
+            &json!({ "product": product.display().to_string() }),
+        )
+    }
+
+    fn recorded(&self, path: &Path, args: &[String]) -> Option<Value> {
+        let v: Value = serde_json::from_slice(&std::fs::read(path).ok()?).ok()?;
+        (v["args"] == json!(args)).then(|| v["result"].clone())
+    }
+
+    fn record(&self, path: &Path, args: &[String], result: &Value) -> Result<()> {
+        let body = serde_json::to_vec_pretty(&json!({ "args": args, "result": result }))?;
+        recoup_formats::atomic::write_file(path, |out| Ok(std::io::Write::write_all(out, &body)?))
+    }
+}
+
+fn strings(items: &[&str]) -> Vec<String> {
+    items.iter().map(|s| s.to_string()).collect()
+}
+
+/// Everything measured of one model.
+struct Row {
+    name: String,
+    series: String,
+    bits: Option<u32>,
+    ppl: Value,
+    kld: Option<Value>,
+    eval: Option<Value>,
+    bench: Option<Value>,
+}
+
+impl Row {
+    fn bpw(&self) -> f64 {
+        self.ppl["bits_per_weight"].as_f64().unwrap_or(f64::NAN)
+    }
+
+    fn ppl(&self) -> f64 {
+        self.ppl["ppl"].as_f64().unwrap_or(f64::NAN)
+    }
+
+    fn accuracy(&self) -> Option<f64> {
+        self.eval.as_ref()?["average"].as_f64()
+    }
+
+    fn decode(&self) -> Option<f64> {
+        self.bench.as_ref()?["tg_tokens_per_s"].as_f64()
+    }
+}
+
+/// QDEC's perplexity at one k_chunk of a swept cell (k = 0: the cell itself).
+struct SweepPoint {
+    k: usize,
+    ppl: f64,
+    residual_mb: f64,
+}
+
+struct Sweep {
+    cell: String,
+    points: Vec<SweepPoint>,
+}
+
+/// Runs the configured measurements of `model` (result files under `name`).
+fn measure(
+    runner: &Runner,
+    config: &Config,
+    name: &str,
+    series: &str,
+    bits: Option<u32>,
+    model: &str,
+) -> Result<Row> {
+    let p = &config.ppl;
+    let mut args = strings(&[
+        "ppl",
+        "--model",
+        model,
+        "--text",
+        &p.text,
+        "--ctx",
+        &p.ctx.to_string(),
+    ]);
+    if let Some(w) = p.max_windows {
+        args.extend(strings(&["--max-windows", &w.to_string()]));
+    }
+    let ppl = runner.json_step(name, "ppl", &args)?;
+    let kld = match &config.kld {
+        Some(k) if name != REFERENCE => {
+            let logits = runner.out.join("results").join("reference.kld");
+            let mut args = strings(&[
+                "kld",
+                "--model",
+                model,
+                "--reference",
+                &config.model,
+                "--text",
+                &k.text,
+                "--ctx",
+                &k.ctx.to_string(),
+                "--reference-logits",
+                &logits.display().to_string(),
+            ]);
+            if let Some(w) = k.max_windows {
+                args.extend(strings(&["--max-windows", &w.to_string()]));
+            }
+            Some(runner.json_step(name, "kld", &args)?)
+        }
+        _ => None,
+    };
+    let eval = match &config.eval {
+        Some(e) => {
+            let mut args = strings(&["eval", "--model", model, "--tasks", &e.tasks.join(",")]);
+            if let Some(l) = e.limit {
+                args.extend(strings(&["--limit", &l.to_string()]));
+            }
+            Some(runner.json_step(name, "eval", &args)?)
+        }
+        None => None,
+    };
+    let bench = match &config.bench {
+        Some(b) => Some(runner.json_step(
+            name,
+            "bench",
+            &strings(&[
+                "bench",
+                "--model",
+                model,
+                "--pp",
+                &b.pp.to_string(),
+                "--tg",
+                &b.tg.to_string(),
+                "--reps",
+                &b.reps.to_string(),
+            ]),
+        )?),
+        None => None,
+    };
+    Ok(Row {
+        name: name.into(),
+        series: series.into(),
+        bits,
+        ppl,
+        kld,
+        eval,
+        bench,
+    })
+}
+
+fn quantize_args(config: &Config, cell: &Cell, out: &Path) -> Vec<String> {
+    let mut args = strings(&[
+        "quantize",
+        "--model",
+        &config.model,
+        "--method",
+        &cell.method,
+        "--bits",
+        &cell.bits.to_string(),
+    ]);
+    if let Some(g) = &cell.group {
+        args.extend(strings(&["--group", g]));
+    }
+    if let Some(r) = cell.rank {
+        args.extend(strings(&["--rank", &r.to_string()]));
+    }
+    let c = &config.calibration;
+    if cell.method == "rtn" {
+        args.extend(strings(&["--calib", "none"]));
+    } else {
+        args.extend(strings(&[
+            "--calib",
+            &c.calib,
+            "--nsamples",
+            &c.nsamples.to_string(),
+            "--seqlen",
+            &c.seqlen.to_string(),
+        ]));
+    }
+    args.extend(cell.args.iter().cloned());
+    args.extend(strings(&["--out", &out.display().to_string()]));
+    args
+}
+
+pub fn main(args: Args) -> Result<()> {
+    let config = Config::load(&args.config)?;
+    std::fs::create_dir_all(args.out.join("models"))
+        .with_context(|| format!("cannot create {}", args.out.display()))?;
+    let runner = Runner {
+        exe: std::env::current_exe().context("cannot find the recoup executable")?,
+        out: args.out.clone(),
+    };
+    let mut rows = vec![measure(
+        &runner,
+        &config,
+        REFERENCE,
+        REFERENCE,
+        None,
+        &config.model,
+    )?];
+    let model_dir = |name: &str| args.out.join("models").join(name);
+    for cell in &config.cells {
+        let dir = model_dir(&cell.name);
+        runner.product_step(
+            &cell.name,
+            "quantize",
+            &dir,
+            &quantize_args(&config, cell, &dir),
+        )?;
+        rows.push(measure(
+            &runner,
+            &config,
+            &cell.name,
+            cell.series(),
+            Some(cell.bits),
+            &dir.display().to_string(),
+        )?);
+    }
+    // Per swept cell: (k, ppl, residual MB per token), k = 0 being the cell itself.
+    let mut sweeps = Vec::new();
+    for sweep in &config.qdec {
+        let dir = model_dir(&sweep.cell);
+        let sidecar = args.out.join("models").join(format!("{}.qdec", sweep.cell));
+        let c = &config.calibration;
+        runner.product_step(
+            &sweep.cell,
+            "residual",
+            &sidecar,
+            &strings(&[
+                "residual",
+                "--model",
+                &config.model,
+                "--quantized",
+                &dir.display().to_string(),
+                "--out",
+                &sidecar.display().to_string(),
+                "--calib",
+                &c.calib,
+                "--nsamples",
+                &c.nsamples.to_string(),
+                "--seqlen",
+                &c.seqlen.to_string(),
+            ]),
+        )?;
+        let base = rows
+            .iter()
+            .find(|r| r.name == sweep.cell)
+            .expect("validated");
+        let mut points = vec![SweepPoint {
+            k: 0,
+            ppl: base.ppl(),
+            residual_mb: 0.0,
+        }];
+        for &k in &sweep.k {
+            let p = &config.ppl;
+            let mut a = strings(&[
+                "ppl",
+                "--model",
+                &dir.display().to_string(),
+                "--text",
+                &p.text,
+                "--ctx",
+                &p.ctx.to_string(),
+                "--qdec",
+                &sidecar.display().to_string(),
+                "--qdec-k",
+                &k.to_string(),
+            ]);
+            if let Some(w) = p.max_windows {
+                a.extend(strings(&["--max-windows", &w.to_string()]));
+            }
+            let v = runner.json_step(&sweep.cell, &format!("qdec-k{k}"), &a)?;
+            let bytes = v["residual_bytes_per_token"].as_f64().unwrap_or(f64::NAN);
+            points.push(SweepPoint {
+                k,
+                ppl: v["ppl"].as_f64().unwrap_or(f64::NAN),
+                residual_mb: bytes / 1e6,
+            });
+        }
+        sweeps.push(Sweep {
+            cell: sweep.cell.clone(),
+            points,
+        });
+    }
+    let plots = draw_plots(&config, &rows, &sweeps, &args.out)?;
+    let markdown = markdown(&config, &args, &rows, &sweeps, &plots);
+    let path = args.out.join("REPORT.md");
+    recoup_formats::atomic::write_file(&path, |out| {
+        Ok(std::io::Write::write_all(out, markdown.as_bytes())?)
+    })?;
+    println!("wrote {}", path.display());
+    Ok(())
+}
+
+/// The cells on the perplexity-vs-bits Pareto front: no other cell has fewer bits and a
+/// lower perplexity.
+fn pareto(rows: &[Row]) -> Vec<&Row> {
+    let cells: Vec<&Row> = rows.iter().filter(|r| r.bits.is_some()).collect();
+    let mut front: Vec<&Row> = cells
+        .iter()
+        .copied()
+        .filter(|r| {
+            !cells.iter().any(|o| {
+                o.bpw() <= r.bpw() && o.ppl() < r.ppl() && (o.bpw() < r.bpw() || o.ppl() < r.ppl())
+            })
+        })
+        .collect();
+    front.sort_by(|a, b| a.bpw().total_cmp(&b.bpw()));
+    front
+}
+
+/// Points of each series (in order of first appearance), sorted by x.
+fn by_series(rows: &[Row], y: impl Fn(&Row) -> Option<f64>) -> Vec<plot::Series> {
+    let mut order: Vec<String> = Vec::new();
+    let mut points: BTreeMap<String, Vec<(f64, f64)>> = BTreeMap::new();
+    for r in rows.iter().filter(|r| r.bits.is_some()) {
+        if let Some(v) = y(r).filter(|v| v.is_finite()) {
+            if !order.contains(&r.series) {
+                order.push(r.series.clone());
+            }
+            points
+                .entry(r.series.clone())
+                .or_default()
+                .push((r.bpw(), v));
+        }
+    }
+    order
+        .into_iter()
+        .map(|name| {
+            let mut pts = points.remove(&name).unwrap_or_default();
+            pts.sort_by(|a, b| a.0.total_cmp(&b.0));
+            plot::Series { name, points: pts }
+        })
+        .collect()
+}
+
+/// Draws every chart the results allow; returns (file stem, caption) of each.
+fn draw_plots(
+    config: &Config,
+    rows: &[Row],
+    sweeps: &[Sweep],
+    out: &Path,
+) -> Result<Vec<(String, String)>> {
+    let reference = &rows[0];
+    let mut charts = Vec::new();
+    let front = pareto(rows);
+    charts.push((
+        "ppl_vs_bpw",
+        plot::Chart {
+            title: format!("Perplexity vs bits per weight — {}", config.title),
+            x_label: "bits per weight (decoder blocks, scales and branches included)".into(),
+            y_label: format!("perplexity, {} (log scale)", config.ppl.text),
+            series: by_series(rows, |r| Some(r.ppl())),
+            levels: vec![("full precision".into(), reference.ppl())],
+            front: (front.len() > 1).then(|| front.iter().map(|r| (r.bpw(), r.ppl())).collect()),
+            log_y: true,
+        },
+    ));
+    if config.eval.is_some() {
+        charts.push((
+            "accuracy_vs_bpw",
+            plot::Chart {
+                title: format!("Zero-shot accuracy vs bits per weight — {}", config.title),
+                x_label: "bits per weight".into(),
+                y_label: "average accuracy (%)".into(),
+                series: by_series(rows, |r| r.accuracy().map(|a| 100.0 * a)),
+                levels: reference
+                    .accuracy()
+                    .map(|a| ("full precision".to_string(), 100.0 * a))
+                    .into_iter()
+                    .collect(),
+                front: None,
+                log_y: false,
+            },
+        ));
+    }
+    if !sweeps.is_empty() {
+        charts.push((
+            "qdec_ppl_vs_k",
+            plot::Chart {
+                title: format!("QDEC: perplexity vs k_chunk — {}", config.title),
+                x_label: "k_chunk (channels corrected per 1024 inputs per token)".into(),
+                y_label: format!("perplexity, {}", config.ppl.text),
+                series: sweeps
+                    .iter()
+                    .map(|s| plot::Series {
+                        name: s.cell.clone(),
+                        points: s.points.iter().map(|p| (p.k as f64, p.ppl)).collect(),
+                    })
+                    .collect(),
+                levels: vec![("full precision".into(), reference.ppl())],
+                front: None,
+                log_y: false,
+            },
+        ));
+    }
+    if config.bench.is_some() {
+        charts.push((
+            "speed_vs_bpw",
+            plot::Chart {
+                title: format!("Decode speed vs bits per weight — {}", config.title),
+                x_label: "bits per weight".into(),
+                y_label: "decode tokens/s".into(),
+                series: by_series(rows, Row::decode),
+                levels: reference
+                    .decode()
+                    .map(|t| ("full precision".to_string(), t))
+                    .into_iter()
+                    .collect(),
+                front: None,
+                log_y: false,
+            },
+        ));
+    }
+    let mut drawn = Vec::new();
+    for (stem, chart) in charts {
+        match plot::write(&chart, &out.join(stem)) {
+            Ok(()) => drawn.push((stem.to_string(), chart.title.clone())),
+            Err(e) => eprintln!("recoup report: plot {stem} not drawn: {e:#}"),
+        }
+    }
+    Ok(drawn)
+}
+
+fn fmt(v: Option<f64>, digits: usize) -> String {
+    v.filter(|v| v.is_finite())
+        .map_or("–".into(), |v| format!("{v:.digits$}"))
+}
+
+fn markdown(
+    config: &Config,
+    args: &Args,
+    rows: &[Row],
+    sweeps: &[Sweep],
+    plots: &[(String, String)],
+) -> String {
+    let reference = &rows[0];
+    let mut md = String::new();
+    let _ = writeln!(md, "# {}\n", config.title);
+    let _ = writeln!(
+        md,
+        "Generated by `recoup report --config {} --out {}`; every figure below comes from a result file under `results/`, which records the exact command that produced it.\n",
+        args.config.display(),
+        args.out.display()
+    );
+    let p = &reference.ppl;
+    let _ = writeln!(
+        md,
+        "- **Perplexity**: `{}` protocol, ctx {}, {} windows ({} tokens scored) of `{}`.",
+        p["protocol"].as_str().unwrap_or("?"),
+        p["ctx"],
+        p["windows"],
+        p["tokens_scored"],
+        config.ppl.text
+    );
+    if let Some(k) = &config.kld {
+        let _ = writeln!(
+            md,
+            "- **KLD**: KL(full precision ‖ model) per token, mean; top-1 = same most likely token; ctx {}, {} of `{}`.",
+            k.ctx,
+            k.max_windows
+                .map_or("all windows".into(), |w| format!("{w} windows")),
+            k.text
+        );
+    }
+    if let Some(e) = &config.eval {
+        let _ = writeln!(
+            md,
+            "- **Zero-shot**: lm-eval log-likelihood scoring, 0-shot, acc (%), {} of each task; average over {}.",
+            e.limit
+                .map_or("all instances".into(), |l| format!("first {l} instances")),
+            e.tasks.join(", ")
+        );
+    }
+    if let Some(b) = &config.bench {
+        let _ = writeln!(
+            md,
+            "- **Speed**: `recoup bench`, prompt {} tokens, {} decoded, median of {}; on the machine that ran the report.",
+            b.pp, b.tg, b.reps
+        );
+    }
+    let _ = writeln!(
+        md,
+        "- **bpw**: bits per weight of the decoder blocks' linear layers, scales, zero points and low-rank branches included (the reference: as held in memory).\n"
+    );
+    let tasks: Vec<String> = config.eval.as_ref().map_or(Vec::new(), |e| e.tasks.clone());
+    let mut header = vec!["model", "method", "bits", "bpw", "ppl", "Δppl"];
+    if config.kld.is_some() {
+        header.extend(["KLD", "top-1 %"]);
+    }
+    if config.eval.is_some() {
+        header.push("avg acc");
+        header.extend(tasks.iter().map(String::as_str));
+    }
+    if config.bench.is_some() {
+        header.extend(["decode tok/s", "prefill tok/s"]);
+    }
+    let _ = writeln!(md, "| {} |", header.join(" | "));
+    let _ = writeln!(md, "|{}", "---|".repeat(header.len()));
+    let front = pareto(rows);
+    for r in rows {
+        let on_front = front.iter().any(|f| f.name == r.name);
+        let mut cols = vec![
+            format!("{}{}", r.name, if on_front { " ★" } else { "" }),
+            r.series.clone(),
+            r.bits.map_or("16/32".into(), |b| b.to_string()),
+            fmt(Some(r.bpw()), 3),
+            fmt(Some(r.ppl()), 3),
+            if r.bits.is_some() {
+                format!("{:+.1} %", 100.0 * (r.ppl() / reference.ppl() - 1.0))
+            } else {
+                "–".into()
+            },
+        ];
+        if config.kld.is_some() {
+            let k = r.kld.as_ref();
+            cols.push(fmt(k.and_then(|k| k["kld_mean"].as_f64()), 4));
+            cols.push(fmt(
+                k.and_then(|k| k["top1_agreement"].as_f64())
+                    .map(|a| 100.0 * a),
+                1,
+            ));
+        }
+        if let Some(e) = &r.eval {
+            cols.push(fmt(r.accuracy().map(|a| 100.0 * a), 1));
+            for t in &tasks {
+                cols.push(fmt(e["tasks"][t]["acc"].as_f64().map(|a| 100.0 * a), 1));
+            }
+        }
+        if let Some(b) = &r.bench {
+            cols.push(fmt(b["tg_tokens_per_s"].as_f64(), 1));
+            cols.push(fmt(b["pp_tokens_per_s"].as_f64(), 1));
+        }
+        let _ = writeln!(md, "| {} |", cols.join(" | "));
+    }
+    let _ = writeln!(
+        md,
+        "\n★ on the perplexity-vs-bits Pareto front (no cell has fewer bits and a lower perplexity).\n"
+    );
+    if !sweeps.is_empty() {
+        let _ = writeln!(md, "## QDEC: perplexity vs k_chunk\n");
+        let _ = writeln!(
+            md,
+            "| cell | k_chunk | ppl | residual MB/token |\n|---|---|---|---|"
+        );
+        for s in sweeps {
+            for p in &s.points {
+                let _ = writeln!(
+                    md,
+                    "| {} | {} | {:.3} | {:.2} |",
+                    s.cell, p.k, p.ppl, p.residual_mb
+                );
+            }
+        }
+        let _ = writeln!(md);
+    }
+    for (stem, caption) in plots {
+        let _ = writeln!(md, "![{caption}]({stem}.svg)\n");
+    }
+    md
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn row(name: &str, bpw: f64, ppl: f64) -> Row {
+        Row {
+            name: name.into(),
+            series: "m".into(),
+            bits: Some(3),
+            ppl: json!({"bits_per_weight": bpw, "ppl": ppl}),
+            kld: None,
+            eval: None,
+            bench: None,
+        }
+    }
+
+    #[test]
+    fn the_pareto_front_keeps_cells_no_other_beats_on_both_axes() {
+        let rows = [
+            row("a", 3.2, 40.0),
+            row("b", 3.2, 30.0),
+            row("c", 4.2, 25.0),
+            row("d", 4.6, 26.0),
+            row("e", 2.5, 90.0),
+        ];
+        let names: Vec<&str> = pareto(&rows).iter().map(|r| r.name.as_str()).collect();
+        assert_eq!(names, ["e", "b", "c"]);
+    }
+}
