@@ -197,10 +197,11 @@ impl KernelArgs {
         }))
     }
 
-    /// Attaches `--qdec` to a model loaded from the checkpoint `path`.
-    fn attach_qdec(&self, model: &mut recoup_model::Model, path: &Path) -> Result<()> {
+    /// Checks `--qdec` against the checkpoint `path` before its weights load (seconds on a
+    /// large model): the settings parse, the sidecar opens and belongs to the checkpoint.
+    fn open_qdec(&self, path: &Path) -> Result<Option<(ResidualFile, QdecOptions)>> {
         let Some(sidecar) = &self.qdec else {
-            return Ok(());
+            return Ok(None);
         };
         let options = self.qdec_options()?;
         let file = ResidualFile::open(sidecar)?;
@@ -216,6 +217,16 @@ impl KernelArgs {
                 )
             })?;
         file.check_belongs_to(path, &meta)?;
+        Ok(Some((file, options)))
+    }
+
+    /// Attaches the sidecar [`Self::open_qdec`] opened to the loaded model.
+    fn attach_qdec(
+        &self,
+        model: &mut recoup_model::Model,
+        (file, options): (ResidualFile, QdecOptions),
+    ) -> Result<()> {
+        let sidecar = self.qdec.as_ref().expect("opened from --qdec");
         let tier = match self.qdec_tier {
             TierArg::Ram => Tier::Ram,
             TierArg::Mmap => Tier::Mmap,
@@ -247,10 +258,13 @@ impl KernelArgs {
 /// Resolves `--model` (a path, or an asset name fetched on first use) and loads it.
 fn load_model(arg: &str, kernels: &KernelArgs) -> Result<recoup_model::Loaded> {
     let path = recoup_assets::resolve(arg, recoup_assets::AssetKind::Model)?;
+    let qdec = kernels.open_qdec(&path)?;
     let start = std::time::Instant::now();
     let mut loaded = recoup_model::load(&path)?;
     loaded.model.set_kernel_options(kernels.options());
-    kernels.attach_qdec(&mut loaded.model, &path)?;
+    if let Some(q) = qdec {
+        kernels.attach_qdec(&mut loaded.model, q)?;
+    }
     let c = &loaded.model.config;
     eprintln!(
         "recoup: loaded {} ({} {:?}, {} layers, d={}, {} params as f32) in {:.1}s",

@@ -175,7 +175,8 @@ fn measure(
     let ppl = runner.json_step(name, "ppl", &args)?;
     let kld = match &config.kld {
         Some(k) if name != REFERENCE => {
-            let logits = runner.out.join("results").join("reference.kld");
+            // Hundreds of MB: beside the checkpoints, not among the small result files.
+            let logits = runner.out.join("models").join("reference.kld");
             let mut args = strings(&[
                 "kld",
                 "--model",
