@@ -422,6 +422,29 @@ fn by_series(rows: &[Row], y: impl Fn(&Row) -> Option<f64>) -> Vec<plot::Series>
         .collect()
 }
 
+/// One figure of every cell against its bits per weight, a line per series, the reference's
+/// figure as a level.
+fn vs_bits(
+    rows: &[Row],
+    title: String,
+    y_label: String,
+    y: impl Fn(&Row) -> Option<f64>,
+) -> plot::Chart {
+    plot::Chart {
+        title,
+        x_label: "bits per weight".into(),
+        y_label,
+        series: by_series(rows, &y),
+        levels: y(&rows[0])
+            .filter(|v| v.is_finite())
+            .map(|v| ("full precision".to_string(), v))
+            .into_iter()
+            .collect(),
+        front: None,
+        log_y: false,
+    }
+}
+
 /// Draws every chart the results allow; returns (file stem, caption) of each.
 fn draw_plots(
     config: &Config,
@@ -432,34 +455,25 @@ fn draw_plots(
     let reference = &rows[0];
     let mut charts = Vec::new();
     let front = pareto(rows);
-    charts.push((
-        "ppl_vs_bpw",
-        plot::Chart {
-            title: format!("Perplexity vs bits per weight — {}", config.title),
-            x_label: "bits per weight (decoder blocks, scales and branches included)".into(),
-            y_label: format!("perplexity, {} (log scale)", config.ppl.text),
-            series: by_series(rows, |r| Some(r.ppl())),
-            levels: vec![("full precision".into(), reference.ppl())],
-            front: (front.len() > 1).then(|| front.iter().map(|r| (r.bpw(), r.ppl())).collect()),
-            log_y: true,
-        },
-    ));
+    let mut ppl = vs_bits(
+        rows,
+        format!("Perplexity vs bits per weight — {}", config.title),
+        format!("perplexity, {} (log scale)", config.ppl.text),
+        |r| Some(r.ppl()),
+    );
+    ppl.x_label = "bits per weight (decoder blocks, scales and branches included)".into();
+    ppl.front = (front.len() > 1).then(|| front.iter().map(|r| (r.bpw(), r.ppl())).collect());
+    ppl.log_y = true;
+    charts.push(("ppl_vs_bpw", ppl));
     if config.eval.is_some() {
         charts.push((
             "accuracy_vs_bpw",
-            plot::Chart {
-                title: format!("Zero-shot accuracy vs bits per weight — {}", config.title),
-                x_label: "bits per weight".into(),
-                y_label: "average accuracy (%)".into(),
-                series: by_series(rows, |r| r.accuracy().map(|a| 100.0 * a)),
-                levels: reference
-                    .accuracy()
-                    .map(|a| ("full precision".to_string(), 100.0 * a))
-                    .into_iter()
-                    .collect(),
-                front: None,
-                log_y: false,
-            },
+            vs_bits(
+                rows,
+                format!("Zero-shot accuracy vs bits per weight — {}", config.title),
+                "average accuracy (%)".into(),
+                |r| r.accuracy().map(|a| 100.0 * a),
+            ),
         ));
     }
     if !sweeps.is_empty() {
@@ -485,19 +499,12 @@ fn draw_plots(
     if config.bench.is_some() {
         charts.push((
             "speed_vs_bpw",
-            plot::Chart {
-                title: format!("Decode speed vs bits per weight — {}", config.title),
-                x_label: "bits per weight".into(),
-                y_label: "decode tokens/s".into(),
-                series: by_series(rows, Row::decode),
-                levels: reference
-                    .decode()
-                    .map(|t| ("full precision".to_string(), t))
-                    .into_iter()
-                    .collect(),
-                front: None,
-                log_y: false,
-            },
+            vs_bits(
+                rows,
+                format!("Decode speed vs bits per weight — {}", config.title),
+                "decode tokens/s".into(),
+                Row::decode,
+            ),
         ));
     }
     let mut drawn = Vec::new();
