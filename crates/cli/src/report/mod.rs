@@ -159,20 +159,7 @@ fn measure(
     bits: Option<u32>,
     model: &str,
 ) -> Result<Row> {
-    let p = &config.ppl;
-    let mut args = strings(&[
-        "ppl",
-        "--model",
-        model,
-        "--text",
-        &p.text,
-        "--ctx",
-        &p.ctx.to_string(),
-    ]);
-    if let Some(w) = p.max_windows {
-        args.extend(strings(&["--max-windows", &w.to_string()]));
-    }
-    let ppl = runner.json_step(name, "ppl", &args)?;
+    let ppl = runner.json_step(name, "ppl", &ppl_args(config, model, &[]))?;
     let kld = match &config.kld {
         Some(k) if name != REFERENCE => {
             // Hundreds of MB: beside the checkpoints, not among the small result files.
@@ -234,6 +221,25 @@ fn measure(
         eval,
         bench,
     })
+}
+
+/// `recoup ppl` of `model` as configured, with `extra` flags.
+fn ppl_args(config: &Config, model: &str, extra: &[String]) -> Vec<String> {
+    let p = &config.ppl;
+    let mut args = strings(&[
+        "ppl",
+        "--model",
+        model,
+        "--text",
+        &p.text,
+        "--ctx",
+        &p.ctx.to_string(),
+    ]);
+    args.extend(extra.iter().cloned());
+    if let Some(w) = p.max_windows {
+        args.extend(strings(&["--max-windows", &w.to_string()]));
+    }
+    args
 }
 
 fn quantize_args(config: &Config, cell: &Cell, out: &Path) -> Vec<String> {
@@ -340,23 +346,13 @@ pub fn main(args: Args) -> Result<()> {
             residual_mb: 0.0,
         }];
         for &k in &sweep.k {
-            let p = &config.ppl;
-            let mut a = strings(&[
-                "ppl",
-                "--model",
-                &dir.display().to_string(),
-                "--text",
-                &p.text,
-                "--ctx",
-                &p.ctx.to_string(),
+            let qdec = strings(&[
                 "--qdec",
                 &sidecar.display().to_string(),
                 "--qdec-k",
                 &k.to_string(),
             ]);
-            if let Some(w) = p.max_windows {
-                a.extend(strings(&["--max-windows", &w.to_string()]));
-            }
+            let a = ppl_args(&config, &dir.display().to_string(), &qdec);
             let v = runner.json_step(&sweep.cell, &format!("qdec-k{k}"), &a)?;
             let bytes = v["residual_bytes_per_token"].as_f64().unwrap_or(f64::NAN);
             points.push(SweepPoint {
