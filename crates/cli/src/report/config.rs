@@ -32,6 +32,21 @@ pub struct Calibration {
     pub seqlen: usize,
 }
 
+impl Calibration {
+    /// The flags of `quantize` and `residual` that select this calibration.
+    pub fn args(&self) -> Vec<String> {
+        [
+            "--calib".to_string(),
+            self.calib.clone(),
+            "--nsamples".into(),
+            self.nsamples.to_string(),
+            "--seqlen".into(),
+            self.seqlen.to_string(),
+        ]
+        .into()
+    }
+}
+
 impl Default for Calibration {
     fn default() -> Self {
         Self {

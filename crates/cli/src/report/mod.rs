@@ -258,18 +258,10 @@ fn quantize_args(config: &Config, cell: &Cell, out: &Path) -> Vec<String> {
     if let Some(r) = cell.rank {
         args.extend(strings(&["--rank", &r.to_string()]));
     }
-    let c = &config.calibration;
     if cell.method == "rtn" {
         args.extend(strings(&["--calib", "none"]));
     } else {
-        args.extend(strings(&[
-            "--calib",
-            &c.calib,
-            "--nsamples",
-            &c.nsamples.to_string(),
-            "--seqlen",
-            &c.seqlen.to_string(),
-        ]));
+        args.extend(config.calibration.args());
     }
     args.extend(cell.args.iter().cloned());
     args.extend(strings(&["--out", &out.display().to_string()]));
@@ -315,7 +307,6 @@ pub fn main(args: Args) -> Result<()> {
     for sweep in &config.qdec {
         let dir = model_dir(&sweep.cell);
         let sidecar = args.out.join("models").join(format!("{}.qdec", sweep.cell));
-        let c = &config.calibration;
         runner.product_step(
             &sweep.cell,
             "residual",
@@ -328,13 +319,10 @@ pub fn main(args: Args) -> Result<()> {
                 &dir.display().to_string(),
                 "--out",
                 &sidecar.display().to_string(),
-                "--calib",
-                &c.calib,
-                "--nsamples",
-                &c.nsamples.to_string(),
-                "--seqlen",
-                &c.seqlen.to_string(),
-            ]),
+            ])
+            .into_iter()
+            .chain(config.calibration.args())
+            .collect::<Vec<_>>(),
         )?;
         let base = rows
             .iter()
