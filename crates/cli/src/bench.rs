@@ -36,21 +36,20 @@ pub fn main(args: Args) -> Result<()> {
         None
     };
     let residual_bytes = model.residual_bytes_per_token();
-    let (tg, tg_base) = match (args.tg, residual_bytes) {
+    let (tg, paired) = match (args.tg, residual_bytes) {
         (0, _) => (None, None),
         (tg, 0) => (Some(decode_tokens_per_s(model, tg, args.reps)?), None),
         // With QDEC, decode alternates with and without it in blocks of tokens, so that the
         // slowdown is a paired measurement on a machine with other load.
         (tg, _) => {
             let switch = |on| model.set_qdec_enabled(on);
-            let (with, without) = paired_decode_tokens_per_s(model, tg, args.reps, &switch)?;
-            (Some(with), Some(without))
+            let paired = paired_decode_tokens_per_s(model, tg, args.reps, &switch)?;
+            (Some(paired.on_tokens_per_s), Some(paired))
         }
     };
     let weight_bytes = model.weight_bytes_per_token();
     let bits_per_weight = model.block_bits_per_weight();
     let achieved = tg.map(|t| t * (weight_bytes + residual_bytes) as f64 / 1e9);
-    let slowdown = tg.zip(tg_base).map(|(t, b)| b / t - 1.0);
     let threads = rayon::current_num_threads();
     if args.json {
         let v = serde_json::json!({
@@ -66,8 +65,10 @@ pub fn main(args: Args) -> Result<()> {
             "bandwidth_fraction": achieved.map(|a| a / stream_gbps),
             "bits_per_weight": bits_per_weight,
             "residual_bytes_per_token": residual_bytes,
-            "tg_tokens_per_s_without_qdec": tg_base,
-            "qdec_slowdown": slowdown,
+            "tg_tokens_per_s_without_qdec": paired.map(|p| p.off_tokens_per_s),
+            "qdec_slowdown": paired.map(|p| p.slowdown),
+            "qdec_slowdown_quartiles": paired.map(|p| [p.slowdown_quartiles.0, p.slowdown_quartiles.1]),
+            "qdec_block_pairs": paired.map(|p| p.pairs),
         });
         println!("{v}");
         return Ok(());
@@ -92,13 +93,17 @@ pub fn main(args: Args) -> Result<()> {
             stream_gbps
         );
     }
-    if let (Some(base), Some(slowdown)) = (tg_base, slowdown) {
+    if let Some(p) = paired {
         println!(
-            "QDEC: {:.2} MB of residual per token (+{:.2} % bytes); without it {:.2} tokens/s: {:+.1} % decode time",
+            "QDEC: {:.2} MB of residual per token (+{:.2} % bytes); without it {:.2} tokens/s; \
+             decode time {:+.1} % (median of {} paired blocks of 8 tokens, quartiles {:+.1} / {:+.1} %)",
             residual_bytes as f64 / 1e6,
             100.0 * residual_bytes as f64 / weight_bytes as f64,
-            base,
-            100.0 * slowdown
+            p.off_tokens_per_s,
+            100.0 * p.slowdown,
+            p.pairs,
+            100.0 * p.slowdown_quartiles.0,
+            100.0 * p.slowdown_quartiles.1,
         );
     }
     Ok(())

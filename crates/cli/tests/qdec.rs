@@ -86,6 +86,9 @@ fn residual_correction_lowers_perplexity_with_every_selector_and_tier() {
         "{v}"
     );
     assert!(v["qdec_slowdown"].is_number(), "{v}");
+    // 16 tokens are one pair of 8-token blocks, one with the correction and one without.
+    assert_eq!(v["qdec_block_pairs"], 1, "{v}");
+    assert!(v["qdec_slowdown_quartiles"][1].is_number(), "{v}");
 }
 
 #[test]

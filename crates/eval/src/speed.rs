@@ -54,35 +54,83 @@ pub fn decode_tokens_per_s(model: &Model, tg: usize, reps: usize) -> Result<f64>
 /// see the same machine state, long enough that switching costs nothing.
 const PAIRED_BLOCK: usize = 8;
 
+/// Two variants of one model's decode, measured in the same runs.
+#[derive(Clone, Copy, Debug)]
+pub struct PairedDecode {
+    /// Tokens/s with the switch on and off, medians over the repetitions.
+    pub on_tokens_per_s: f64,
+    pub off_tokens_per_s: f64,
+    /// The median over adjacent (on, off) block pairs of on-time / off-time, minus one:
+    /// robust to bursts of load from other tenants, which hit a few pairs, not the median.
+    pub slowdown: f64,
+    /// The quartiles of that ratio minus one: how much the pairs disagree.
+    pub slowdown_quartiles: (f64, f64),
+    pub pairs: usize,
+}
+
 /// Decode speed of two variants of one model measured in the same runs: `tg` greedy steps
 /// in blocks of 8 tokens that alternate between `switch(true)` and `switch(false)`, so
 /// noise from other load on the machine falls on both alike (and both see the same range
-/// of positions). Returns tokens/s with the switch on and off, medians over `reps` runs.
+/// of positions; which goes first alternates from one repetition to the next).
 pub fn paired_decode_tokens_per_s(
     model: &Model,
     tg: usize,
     reps: usize,
     switch: &dyn Fn(bool),
-) -> Result<(f64, f64)> {
+) -> Result<PairedDecode> {
     let mut cache = KvCache::new(&model.config, tg);
-    let (mut on_runs, mut off_runs) = (Vec::new(), Vec::new());
+    let (mut on_runs, mut off_runs, mut ratios) = (Vec::new(), Vec::new(), Vec::new());
     for rep in 0..reps.max(1) {
         cache.clear();
         let mut next = tokens(1, model.config.vocab_size)[0];
-        let (mut secs, mut steps) = ([0f64; 2], [0usize; 2]);
+        // Seconds of each block, and whether it ran with the switch on.
+        let mut blocks: Vec<(f64, bool)> = Vec::new();
         for step in 0..tg {
-            // Alternate which variant goes first from one repetition to the next.
             let on = (step / PAIRED_BLOCK + rep).is_multiple_of(2);
-            switch(on);
+            if step % PAIRED_BLOCK == 0 {
+                switch(on);
+                blocks.push((0.0, on));
+            }
             let t = Instant::now();
             let hidden = model.forward(&[next], &mut cache)?;
             next = argmax(&model.logits(&hidden, 1));
-            secs[usize::from(on)] += t.elapsed().as_secs_f64();
-            steps[usize::from(on)] += 1;
+            blocks.last_mut().expect("pushed above").0 += t.elapsed().as_secs_f64();
         }
-        on_runs.push(steps[1] as f64 / secs[1]);
-        off_runs.push(steps[0] as f64 / secs[0]);
+        let steps = |on: bool| -> (f64, f64) {
+            let mine = blocks.iter().enumerate().filter(|(_, b)| b.1 == on);
+            mine.fold((0.0, 0.0), |(secs, n), (i, b)| {
+                let len = PAIRED_BLOCK.min(tg - i * PAIRED_BLOCK);
+                (secs + b.0, n + len as f64)
+            })
+        };
+        let ((on_secs, on_n), (off_secs, off_n)) = (steps(true), steps(false));
+        on_runs.push(on_n / on_secs);
+        off_runs.push(off_n / off_secs);
+        // Whole pairs only (a short last block would not compare like with like).
+        let whole = tg / PAIRED_BLOCK / 2 * 2;
+        for pair in blocks[..whole].chunks_exact(2) {
+            let (on, off) = if pair[0].1 {
+                (pair[0], pair[1])
+            } else {
+                (pair[1], pair[0])
+            };
+            ratios.push(on.0 / off.0);
+        }
     }
     switch(true);
-    Ok((median(on_runs), median(off_runs)))
+    if ratios.is_empty() {
+        anyhow::bail!(
+            "a paired measurement needs at least {} tokens",
+            2 * PAIRED_BLOCK
+        );
+    }
+    ratios.sort_by(f64::total_cmp);
+    let at = |q: f64| ratios[((ratios.len() - 1) as f64 * q).round() as usize] - 1.0;
+    Ok(PairedDecode {
+        on_tokens_per_s: median(on_runs),
+        off_tokens_per_s: median(off_runs),
+        slowdown: at(0.5),
+        slowdown_quartiles: (at(0.25), at(0.75)),
+        pairs: ratios.len(),
+    })
 }

@@ -2,6 +2,7 @@
 //! `model.safetensors.index.json`, `tokenizer.json`. Reading is over mmap; writing produces
 //! what transformers loads, atomically.
 
+use crate::hugepages::HugePageArena;
 use crate::packed::PackedLinear;
 use crate::{DenseDtype, Tensor, TensorSource, atomic, native};
 use anyhow::{Context, Result, anyhow, bail};
@@ -9,6 +10,7 @@ use safetensors::{Dtype, SafeTensors};
 use std::collections::{BTreeMap, HashMap};
 use std::fs::File;
 use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
 
 const INDEX_FILE: &str = "model.safetensors.index.json";
 const SINGLE_FILE: &str = "model.safetensors";
@@ -29,6 +31,8 @@ pub struct HfDir {
     entries: HashMap<String, Entry>,
     /// The `__metadata__` maps of all files, merged.
     metadata: HashMap<String, String>,
+    /// The codes of every packed layer, gathered on first use.
+    packed_codes: OnceLock<HugePageArena>,
 }
 
 fn read_json(path: &Path) -> Result<serde_json::Value> {
@@ -122,12 +126,31 @@ impl HfDir {
             order,
             entries,
             metadata,
+            packed_codes: OnceLock::new(),
         })
     }
 
     /// A value of the safetensors files' `__metadata__`.
     pub fn metadata(&self, key: &str) -> Option<&str> {
         self.metadata.get(key).map(String::as_str)
+    }
+
+    /// Every packed layer's codes (`*.qweight`, what a decode step streams) copied into one
+    /// huge-page arena on first use, so the page-cache mapping is read once.
+    pub fn packed_codes(&self) -> Result<&HugePageArena> {
+        if let Some(arena) = self.packed_codes.get() {
+            return Ok(arena);
+        }
+        let parts = self
+            .order
+            .iter()
+            .filter(|n| n.ends_with(".qweight"))
+            .map(|n| {
+                let (_, _, bytes) = self.raw(n).expect("listed names exist");
+                (n.clone(), bytes)
+            });
+        let arena = HugePageArena::gather(parts, &self.dir.display().to_string())?;
+        Ok(self.packed_codes.get_or_init(|| arena))
     }
 
     /// A tensor as stored: dtype, shape and bytes (borrowed from the mapping).

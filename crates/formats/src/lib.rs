@@ -6,6 +6,7 @@ pub mod atomic;
 pub mod ggml;
 pub mod gguf;
 pub mod hf;
+pub mod hugepages;
 pub mod native;
 pub mod packed;
 pub mod residual;

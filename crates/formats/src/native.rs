@@ -222,7 +222,7 @@ pub fn packed_tensors(prefix: &str, p: &PackedLinear) -> Vec<(String, StoredTens
             StoredTensor::owned(
                 Dtype::U8,
                 vec![m.rows, m.spec.row_bytes(m.cols)],
-                m.codes.clone(),
+                m.codes.to_vec(),
             ),
         ),
         (
@@ -325,7 +325,12 @@ pub fn read_packed(dir: &HfDir, prefix: &str) -> Result<Option<PackedLinear>> {
         }
         Ok(bytes)
     };
-    let codes = part("qweight", Dtype::U8, &[rows, spec.row_bytes(cols)])?.to_vec();
+    // Checked here for a clear error; the bytes come from the arena of every layer's codes.
+    part("qweight", Dtype::U8, &[rows, spec.row_bytes(cols)])?;
+    let codes = dir
+        .packed_codes()?
+        .get(&qweight)
+        .expect("the arena holds every qweight");
     let scales = f16_values(part("scales", Dtype::F16, &[rows, groups])?);
     let zeros = if spec.sym {
         Vec::new()

@@ -6,6 +6,7 @@
 //! straddles a byte (3-bit is a 2-bit plane plus a 1-bit plane, as ggml's Q3_K does).
 //! A dequantized weight is `scale · (code − zero)`; symmetric grids use `zero = 2^(bits−1)`.
 
+use crate::hugepages::SharedBytes;
 use anyhow::{Result, bail};
 use half::f16;
 
@@ -183,7 +184,8 @@ pub struct PackedMatrix {
     pub spec: GridSpec,
     pub rows: usize,
     pub cols: usize,
-    pub codes: Vec<u8>,
+    /// On the heap after quantizing, in the model's huge-page arena after loading.
+    pub codes: SharedBytes,
     pub scales: Vec<f16>,
     /// Empty for symmetric grids.
     pub zeros: Vec<u8>,
@@ -195,11 +197,12 @@ impl PackedMatrix {
         spec: GridSpec,
         rows: usize,
         cols: usize,
-        codes: Vec<u8>,
+        codes: impl Into<SharedBytes>,
         scales: Vec<f16>,
         zeros: Vec<u8>,
         what: &str,
     ) -> Result<Self> {
+        let codes = codes.into();
         if !cols.is_multiple_of(BLOCK) {
             bail!("{what}: {cols} columns are not a multiple of {BLOCK}");
         }

@@ -20,6 +20,7 @@
 //! the residual belongs to, provenance, and each layer's shape.
 
 use crate::hf::HfDir;
+use crate::hugepages::{HugePageArena, SharedBytes};
 use crate::native::{StoredTensor, write_safetensors};
 use anyhow::{Context, Result, anyhow, bail};
 use half::f16;
@@ -163,11 +164,8 @@ pub enum Tier {
 
 /// A layer's packed residual rows in their tier.
 pub enum ResidualCodes {
-    /// A range of the RAM tier's buffer.
-    Ram {
-        arena: Arc<memmap2::MmapMut>,
-        range: std::ops::Range<usize>,
-    },
+    /// A part of the RAM tier's buffer.
+    Ram(SharedBytes),
     Mapped {
         file: Arc<HfDir>,
         name: String,
@@ -177,7 +175,7 @@ pub enum ResidualCodes {
 impl ResidualCodes {
     pub fn bytes(&self) -> &[u8] {
         match self {
-            ResidualCodes::Ram { arena, range } => &arena[range.clone()],
+            ResidualCodes::Ram(bytes) => bytes,
             ResidualCodes::Mapped { file, name } => {
                 file.raw(name)
                     .expect("checked when the sidecar was opened")
@@ -203,9 +201,8 @@ pub struct ResidualFile {
     path: PathBuf,
     file: Arc<HfDir>,
     pub meta: ResidualMeta,
-    /// The RAM tier: every layer's runs copied into one buffer, made on first use, with
-    /// each layer's offset.
-    ram: OnceLock<(Arc<memmap2::MmapMut>, HashMap<String, usize>)>,
+    /// The RAM tier: every layer's runs copied into one buffer, made on first use.
+    ram: OnceLock<HugePageArena>,
 }
 
 impl ResidualFile {
@@ -296,31 +293,16 @@ impl ResidualFile {
         Ok(())
     }
 
-    /// Every layer's runs in one anonymous buffer backed by huge pages where the kernel
-    /// allows: a decode step reads a few short runs at scattered places, and with 4 KiB
-    /// pages nearly every run costs a page walk (expensive under virtualization).
-    fn ram_tier(&self) -> Result<(Arc<memmap2::MmapMut>, HashMap<String, usize>)> {
-        let mut offsets = HashMap::new();
-        let mut total = 0;
-        for (prefix, rec) in &self.meta.layers {
-            offsets.insert(prefix.clone(), total);
-            total += rec.cols * rec.rows / 2;
-        }
-        let mut arena = memmap2::MmapMut::map_anon(total.max(1)).with_context(|| {
-            format!(
-                "{}: cannot allocate {total} bytes for the residual",
-                self.path.display()
-            )
-        })?;
-        #[cfg(target_os = "linux")]
-        // Only a hint: without transparent huge pages the buffer works all the same.
-        let _ = arena.advise(memmap2::Advice::HugePage);
+    /// Every layer's runs in one buffer backed by huge pages where the kernel allows: a
+    /// decode step reads a few short runs at scattered places, and with 4 KiB pages nearly
+    /// every run costs a page walk.
+    fn ram_tier(&self) -> Result<HugePageArena> {
+        let mut parts = Vec::new();
         for (prefix, rec) in &self.meta.layers {
             let bytes = self.part(prefix, "residual", Dtype::U8, &[rec.cols, rec.rows / 2])?;
-            let at = offsets[prefix];
-            arena[at..at + bytes.len()].copy_from_slice(bytes);
+            parts.push((prefix.clone(), bytes));
         }
-        Ok((Arc::new(arena), offsets))
+        HugePageArena::gather(parts, &format!("{}: the residual", self.path.display()))
     }
 
     /// Layer `prefix`'s residual in `tier`, or `None` if the sidecar has none for it.
@@ -332,18 +314,14 @@ impl ResidualFile {
         let name = tensor_name(prefix, "residual");
         let codes = match tier {
             Tier::Ram => {
-                let (arena, offsets) = match self.ram.get() {
-                    Some(ram) => ram,
+                let arena = match self.ram.get() {
+                    Some(arena) => arena,
                     None => {
-                        let ram = self.ram_tier()?;
-                        self.ram.get_or_init(|| ram)
+                        let arena = self.ram_tier()?;
+                        self.ram.get_or_init(|| arena)
                     }
                 };
-                let start = offsets[prefix];
-                ResidualCodes::Ram {
-                    arena: arena.clone(),
-                    range: start..start + cols * rows / 2,
-                }
+                ResidualCodes::Ram(arena.get(prefix).expect("every layer is gathered"))
             }
             Tier::Mmap => ResidualCodes::Mapped {
                 file: self.file.clone(),

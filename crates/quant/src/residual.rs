@@ -374,15 +374,10 @@ mod tests {
         );
 
         let codes = pack_input_major(&coded, rows, cols);
-        let mut arena = memmap2::MmapMut::map_anon(codes.len()).unwrap();
-        arena.copy_from_slice(&codes);
         let residual = LayerResidual {
             rows,
             cols,
-            codes: ResidualCodes::Ram {
-                arena: Arc::new(arena),
-                range: 0..codes.len(),
-            },
+            codes: ResidualCodes::Ram(codes.into()),
             scales: coded_scales,
             envelope: None,
             mean_abs: None,
