@@ -8,6 +8,10 @@ pub mod membw;
 pub mod ops;
 pub mod pool;
 pub mod qdec;
+#[cfg(test)]
+mod testutil;
+#[cfg(feature = "cuda")]
+pub mod cuda;
 
 /// A raw pointer that rayon tasks may share when each writes a disjoint region.
 #[derive(Clone, Copy)]
