@@ -21,14 +21,34 @@ pub struct Args {
     /// Print one JSON object on stdout instead of text.
     #[arg(long)]
     json: bool,
+    /// Where decode runs: the CPU kernels, or an NVIDIA GPU (a build with `--features cuda`;
+    /// decode only, so --pp is ignored there).
+    #[arg(long, value_enum, default_value = "cpu")]
+    device: Device,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum Device {
+    Cpu,
+    Cuda,
 }
 
 pub fn main(args: Args) -> Result<()> {
     if args.pp == 0 && args.tg == 0 {
         bail!("--pp and --tg are both 0: nothing to measure");
     }
+    if args.device == Device::Cuda && !cfg!(feature = "cuda") {
+        bail!(
+            "this recoup was built without CUDA: rebuild with `cargo build --release --features cuda` \
+             (no CUDA toolkit needed, only an NVIDIA driver where it runs)"
+        );
+    }
     let loaded = crate::load_model(&args.model, &args.kernels)?;
     let model = &loaded.model;
+    #[cfg(feature = "cuda")]
+    if args.device == Device::Cuda {
+        return cuda::main(&args, model);
+    }
     let stream_gbps = stream_read_gbps(1 << 30, 5);
     let pp = if args.pp > 0 {
         Some(prefill_tokens_per_s(model, args.pp, args.reps)?)
@@ -107,4 +127,130 @@ pub fn main(args: Args) -> Result<()> {
         );
     }
     Ok(())
+}
+
+#[cfg(feature = "cuda")]
+mod cuda {
+    use super::Args;
+    use anyhow::Result;
+    use recoup_eval::speed::paired_decode;
+    use recoup_model::Model;
+    use recoup_model::cuda::CudaModel;
+    use recoup_model::linear::LayerWeights;
+    use recoup_model::sampling::argmax;
+    use std::time::Instant;
+
+    /// Decode on the GPU: tokens/s, bytes per token against the device's bandwidth, and
+    /// with QDEC the paired slowdown, its memory and the k_chunk the bandwidth model picks.
+    pub fn main(args: &Args, model: &Model) -> Result<()> {
+        let options = args.kernels.options();
+        let mut gpu_model = CudaModel::upload(model, 0, args.tg.max(16), options.low_rank)?;
+        let start = model.config.bos_token_id.unwrap_or(1);
+        let mut step = |restart: bool, token: u32| -> Result<u32> {
+            if restart {
+                gpu_model.reset();
+            }
+            Ok(argmax(&gpu_model.step(token)?))
+        };
+        // Warm-up: the first steps load modules and fault pages in.
+        step(true, start)?;
+        let mut times = Vec::new();
+        for _ in 0..args.reps.max(1) {
+            let t = Instant::now();
+            let mut next = step(true, start)?;
+            for _ in 1..args.tg {
+                next = step(false, next)?;
+            }
+            times.push(t.elapsed().as_secs_f64());
+        }
+        times.sort_by(f64::total_cmp);
+        let tg = args.tg as f64 / times[times.len() / 2];
+        let residual_bytes = model.residual_bytes_per_token();
+        let paired = if residual_bytes > 0 {
+            let cell = std::cell::RefCell::new(&mut gpu_model);
+            let mut switch = |on| cell.borrow_mut().set_qdec_enabled(on);
+            let mut step = |restart: bool, token: u32| -> Result<u32> {
+                let mut m = cell.borrow_mut();
+                if restart {
+                    m.reset();
+                }
+                Ok(argmax(&m.step(token)?))
+            };
+            let vocab = model.config.vocab_size;
+            Some(paired_decode(vocab, args.tg, args.reps, &mut switch, &mut step)?)
+        } else {
+            None
+        };
+        let bits = model
+            .block_linears()
+            .find_map(|l| match l.op.weights() {
+                LayerWeights::Packed { packed, .. } => Some(packed.matrix.spec.bits),
+                LayerWeights::Dense(_) => None,
+            })
+            .unwrap_or(16);
+        let (k_model, device_gbps, link_gbps) = gpu_model.k_chunk_model(bits)?;
+        let weight_bytes = model.weight_bytes_per_token();
+        let gbps = tg * (weight_bytes + residual_bytes) as f64 / 1e9;
+        let peak = gpu_model.gpu.peak_gbps();
+        let v = serde_json::json!({
+            "model": args.model,
+            "device": gpu_model.gpu.name(),
+            "tg": args.tg,
+            "tg_tokens_per_s": tg,
+            "weight_bytes_per_token": weight_bytes,
+            "achieved_gbps": gbps,
+            "peak_gbps": peak,
+            "measured_read_gbps": device_gbps,
+            "bandwidth_fraction": gbps / device_gbps,
+            "bits_per_weight": model.block_bits_per_weight(),
+            "lowrank_path": format!("{:?}", options.low_rank).to_lowercase(),
+            "residual_bytes_per_token": residual_bytes,
+            "qdec_host_bytes": gpu_model.residual_host_bytes(),
+            "gpu_bytes": gpu_model.device_bytes,
+            "host_link_gbps": link_gbps,
+            "qdec_k_chunk_model": k_model,
+            "tg_tokens_per_s_without_qdec": paired.map(|p| p.off_tokens_per_s),
+            "qdec_slowdown": paired.map(|p| p.slowdown),
+            "qdec_slowdown_quartiles": paired.map(|p| [p.slowdown_quartiles.0, p.slowdown_quartiles.1]),
+        });
+        if args.json {
+            println!("{v}");
+            return Ok(());
+        }
+        println!(
+            "model {} on {} | {:.2} bits/weight | {:.1} MB of weights per token | {:.1} MB on the GPU",
+            args.model,
+            gpu_model.gpu.name(),
+            model.block_bits_per_weight(),
+            weight_bytes as f64 / 1e6,
+            gpu_model.device_bytes as f64 / 1e6
+        );
+        println!(
+            "tg{:<5} {:>9.1} tokens/s  {:.0} GB/s = {:.0}% of the {:.0} GB/s measured read ({} peak)",
+            args.tg,
+            tg,
+            gbps,
+            100.0 * gbps / device_gbps,
+            device_gbps,
+            peak.map_or("no".into(), |p| format!("{p:.0} GB/s"))
+        );
+        println!(
+            "host link {link_gbps:.1} GB/s: the bandwidth model picks k_chunk {k_model} at {bits} bits"
+        );
+        if let Some(p) = paired {
+            println!(
+                "QDEC: {:.2} MB of residual per token read over the host link ({:.0} MB pinned, 0 B of GPU memory \
+                 for residuals); without it {:.1} tokens/s; decode time {:+.1} % (median of {} paired blocks, \
+                 quartiles {:+.1} / {:+.1} %)",
+                residual_bytes as f64 / 1e6,
+                gpu_model.residual_host_bytes() as f64 / 1e6,
+                p.off_tokens_per_s,
+                100.0 * p.slowdown,
+                p.pairs,
+                100.0 * p.slowdown_quartiles.0,
+                100.0 * p.slowdown_quartiles.1
+            );
+        }
+        Ok(())
+    }
 }

@@ -79,21 +79,38 @@ pub fn paired_decode_tokens_per_s(
     switch: &dyn Fn(bool),
 ) -> Result<PairedDecode> {
     let mut cache = KvCache::new(&model.config, tg);
+    let mut step = |restart: bool, token: u32| -> Result<u32> {
+        if restart {
+            cache.clear();
+        }
+        let hidden = model.forward(&[token], &mut cache)?;
+        Ok(argmax(&model.logits(&hidden, 1)))
+    };
+    paired_decode(model.config.vocab_size, tg, reps, &mut |on| switch(on), &mut step)
+}
+
+/// [`paired_decode_tokens_per_s`] for any decoder: `step(restart, token)` runs one token
+/// (after emptying the cache when `restart`) and returns the next.
+pub fn paired_decode(
+    vocab: usize,
+    tg: usize,
+    reps: usize,
+    switch: &mut dyn FnMut(bool),
+    step: &mut dyn FnMut(bool, u32) -> Result<u32>,
+) -> Result<PairedDecode> {
     let (mut on_runs, mut off_runs, mut ratios) = (Vec::new(), Vec::new(), Vec::new());
     for rep in 0..reps.max(1) {
-        cache.clear();
-        let mut next = tokens(1, model.config.vocab_size)[0];
+        let mut next = tokens(1, vocab)[0];
         // Seconds of each block, and whether it ran with the switch on.
         let mut blocks: Vec<(f64, bool)> = Vec::new();
-        for step in 0..tg {
-            let on = (step / PAIRED_BLOCK + rep).is_multiple_of(2);
-            if step % PAIRED_BLOCK == 0 {
+        for i in 0..tg {
+            let on = (i / PAIRED_BLOCK + rep).is_multiple_of(2);
+            if i % PAIRED_BLOCK == 0 {
                 switch(on);
                 blocks.push((0.0, on));
             }
             let t = Instant::now();
-            let hidden = model.forward(&[next], &mut cache)?;
-            next = argmax(&model.logits(&hidden, 1));
+            next = step(i == 0, next)?;
             blocks.last_mut().expect("pushed above").0 += t.elapsed().as_secs_f64();
         }
         let steps = |on: bool| -> (f64, f64) {

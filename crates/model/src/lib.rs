@@ -4,6 +4,8 @@
 
 pub mod chat;
 pub mod config;
+#[cfg(feature = "cuda")]
+pub mod cuda;
 pub mod export;
 pub mod kv_cache;
 pub mod linear;

@@ -35,6 +35,17 @@ pub trait LinearOp: Send + Sync {
     fn residual_bytes(&self) -> usize {
         0
     }
+    /// The weights as stored, for a backend that keeps its own copy (the GPU).
+    fn weights(&self) -> LayerWeights<'_>;
+}
+
+/// A layer's weights as another backend uploads them.
+pub enum LayerWeights<'a> {
+    Dense(&'a [f32]),
+    Packed {
+        packed: &'a PackedLinear,
+        qdec: Option<&'a Compensation>,
+    },
 }
 
 /// A dense f32 weight `[out, in]`, shareable (a tied output head shares the embedding).
@@ -60,6 +71,10 @@ impl DenseF32 {
 }
 
 impl LinearOp for DenseF32 {
+    fn weights(&self) -> LayerWeights<'_> {
+        LayerWeights::Dense(&self.weight)
+    }
+
     fn in_features(&self) -> usize {
         self.in_features
     }
@@ -209,6 +224,13 @@ impl PackedOp {
 }
 
 impl LinearOp for PackedOp {
+    fn weights(&self) -> LayerWeights<'_> {
+        LayerWeights::Packed {
+            packed: &self.packed,
+            qdec: self.qdec.as_ref(),
+        }
+    }
+
     fn in_features(&self) -> usize {
         self.packed.matrix.cols
     }

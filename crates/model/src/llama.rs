@@ -28,11 +28,11 @@ pub struct Block {
 
 pub struct Model {
     pub config: ModelConfig,
-    embed: Arc<Vec<f32>>,
+    pub(crate) embed: Arc<Vec<f32>>,
     pub blocks: Vec<Block>,
-    norm: Vec<f32>,
+    pub(crate) norm: Vec<f32>,
     pub lm_head: Linear,
-    inv_freq: Vec<f64>,
+    pub(crate) inv_freq: Vec<f64>,
     /// Switches QDEC's correction in every layer (see [`Model::set_qdec_enabled`]).
     qdec_enabled: Arc<AtomicBool>,
 }

@@ -213,6 +213,23 @@ impl Compensation {
         self.residual.rows
     }
 
+    pub fn residual(&self) -> &LayerResidual {
+        &self.residual
+    }
+
+    pub fn k_chunk(&self) -> usize {
+        self.k_chunk
+    }
+
+    pub fn selection(&self) -> Select {
+        self.select
+    }
+
+    /// The bucket selector's floors (set for bucket selection only).
+    pub fn floors(&self) -> Option<&BucketFloors> {
+        self.floors.as_ref()
+    }
+
     pub fn cols(&self) -> usize {
         self.residual.cols
     }

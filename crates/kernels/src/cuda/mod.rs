@@ -259,6 +259,14 @@ impl Gpu {
             .map_err(|e| anyhow!("CUDA error: {e:?}"))
     }
 
+    /// Zeroes `n` f32 at `y` on the main stream.
+    pub fn zero(&self, y: u64, n: usize) -> Result<()> {
+        // SAFETY: `y` holds `n` values; the memset is ordered on the main stream.
+        unsafe { sys::cuMemsetD32Async(y, 0, n, self.main.cu_stream()) }
+            .result()
+            .map_err(|e| anyhow!("memset: {e:?}"))
+    }
+
     /// Address of a buffer for launches on the main stream.
     pub fn ptr<T>(&self, s: &CudaSlice<T>) -> u64 {
         ptr(s, &self.main)
@@ -420,7 +428,7 @@ impl Gpu {
                  more than it fits (lower --qdec-k)"
             );
         }
-        if q.rows % 8 != 0 {
+        if !q.rows.is_multiple_of(8) {
             bail!("QDEC on the GPU reads residual runs as 32-bit words: {} rows is not a multiple of 8", q.rows);
         }
         let (n, k, rows) = (q.cols as i32, q.k_chunk as i32, q.rows as i32);
