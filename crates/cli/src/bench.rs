@@ -177,7 +177,13 @@ mod cuda {
                 Ok(argmax(&m.step(token)?))
             };
             let vocab = model.config.vocab_size;
-            Some(paired_decode(vocab, args.tg, args.reps, &mut switch, &mut step)?)
+            Some(paired_decode(
+                vocab,
+                args.tg,
+                args.reps,
+                &mut switch,
+                &mut step,
+            )?)
         } else {
             None
         };

@@ -165,7 +165,15 @@ fn cuda_device_without_a_gpu_is_a_clear_error() {
     // Built without the feature, or with it on a machine without an NVIDIA driver (CI), the
     // GPU path refuses with a sentence saying why.
     let o = recoup(&[
-        "bench", "--model", "smollm2-135m", "--device", "cuda", "--pp", "0", "--tg", "16",
+        "bench",
+        "--model",
+        "smollm2-135m",
+        "--device",
+        "cuda",
+        "--pp",
+        "0",
+        "--tg",
+        "16",
     ]);
     let err = stderr(&o);
     assert!(!o.status.success(), "{err}");

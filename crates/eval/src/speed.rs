@@ -86,7 +86,13 @@ pub fn paired_decode_tokens_per_s(
         let hidden = model.forward(&[token], &mut cache)?;
         Ok(argmax(&model.logits(&hidden, 1)))
     };
-    paired_decode(model.config.vocab_size, tg, reps, &mut |on| switch(on), &mut step)
+    paired_decode(
+        model.config.vocab_size,
+        tg,
+        reps,
+        &mut |on| switch(on),
+        &mut step,
+    )
 }
 
 /// [`paired_decode_tokens_per_s`] for any decoder: `step(restart, token)` runs one token

@@ -2,6 +2,8 @@
 //! and the tests compare the two on random inputs.
 
 pub mod attention;
+#[cfg(feature = "cuda")]
+pub mod cuda;
 pub mod lowbit;
 pub mod matmul;
 pub mod membw;
@@ -10,8 +12,6 @@ pub mod pool;
 pub mod qdec;
 #[cfg(test)]
 mod testutil;
-#[cfg(feature = "cuda")]
-pub mod cuda;
 
 /// A raw pointer that rayon tasks may share when each writes a disjoint region.
 #[derive(Clone, Copy)]

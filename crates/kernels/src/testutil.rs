@@ -2,8 +2,8 @@
 //! activations with outlier channels (never zeros).
 
 use half::f16;
-use rand::rngs::StdRng;
 use rand::RngExt;
+use rand::rngs::StdRng;
 use recoup_formats::packed::{GridSpec, PackedMatrix};
 
 pub fn random_matrix(rng: &mut StdRng, spec: GridSpec, rows: usize, cols: usize) -> PackedMatrix {
@@ -44,4 +44,3 @@ pub fn random_activation(rng: &mut StdRng, n: usize) -> Vec<f32> {
         })
         .collect()
 }
-

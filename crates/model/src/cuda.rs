@@ -127,7 +127,11 @@ impl GpuLinear {
                     group: m.spec.group,
                     codes: keep.u8(gpu, &m.codes)?,
                     scales: keep.u16(gpu, &f16_bits(&m.scales))?,
-                    zeros: if m.spec.sym { 0 } else { keep.u8(gpu, &m.zeros)? },
+                    zeros: if m.spec.sym {
+                        0
+                    } else {
+                        keep.u8(gpu, &m.zeros)?
+                    },
                     sym_zero: i32::from(m.spec.sym_zero()),
                 };
                 let perm = match &packed.perm {
@@ -239,11 +243,19 @@ pub struct CudaModel {
 
 impl CudaModel {
     /// Uploads `model` to GPU `ordinal` with a KV cache of `max_len` positions.
-    pub fn upload(model: &Model, ordinal: usize, max_len: usize, low_rank: LowRankPath) -> Result<Self> {
+    pub fn upload(
+        model: &Model,
+        ordinal: usize,
+        max_len: usize,
+        low_rank: LowRankPath,
+    ) -> Result<Self> {
         let gpu = Gpu::open(ordinal)?;
         let c = model.config.clone();
         if max_len > c.max_position {
-            bail!("{max_len} positions exceed the model's context of {}", c.max_position);
+            bail!(
+                "{max_len} positions exceed the model's context of {}",
+                c.max_position
+            );
         }
         let mut keep = Keep::default();
         let mut blocks = Vec::new();
@@ -264,7 +276,10 @@ impl CudaModel {
         let kv = c.kv_dim();
         let mut caches = Vec::new();
         for _ in 0..c.n_layers {
-            caches.push((keep.zeros(&gpu, max_len * kv)?, keep.zeros(&gpu, max_len * kv)?));
+            caches.push((
+                keep.zeros(&gpu, max_len * kv)?,
+                keep.zeros(&gpu, max_len * kv)?,
+            ));
         }
         let widest = model
             .block_linears()
@@ -336,7 +351,10 @@ impl CudaModel {
     /// Host bytes pinned for QDEC's residuals.
     pub fn residual_host_bytes(&self) -> usize {
         let layers = self.blocks.iter().flat_map(|b| &b.linears);
-        layers.filter_map(|l| l.qdec.as_ref()).map(|q| q._residual.len()).sum()
+        layers
+            .filter_map(|l| l.qdec.as_ref())
+            .map(|q| q._residual.len())
+            .sum()
     }
 
     /// The `k_chunk` the bandwidth model picks for this GPU at `bits`: device and mapped
@@ -344,18 +362,26 @@ impl CudaModel {
     pub fn k_chunk_model(&self, bits: u32) -> Result<(usize, f64, f64)> {
         let words = 64 << 20; // 256 MiB of device memory
         let dev: CudaSlice<u32> = self.gpu.zeros(words)?;
-        let device_gbps = 4.0 * words as f64 / self.gpu.read_seconds(self.gpu.ptr(&dev), words, 10)? / 1e9;
+        let device_gbps =
+            4.0 * words as f64 / self.gpu.read_seconds(self.gpu.ptr(&dev), words, 10)? / 1e9;
         let host_words = 16 << 20; // 64 MiB over the host link
         let host = MappedHost::new(&self.gpu, &vec![1u8; 4 * host_words])?;
-        let link_gbps =
-            4.0 * host_words as f64 / self.gpu.read_seconds(host.device_ptr(), host_words, 3)? / 1e9;
-        Ok((k_chunk_estimate(bits, device_gbps, link_gbps), device_gbps, link_gbps))
+        let link_gbps = 4.0 * host_words as f64
+            / self.gpu.read_seconds(host.device_ptr(), host_words, 3)?
+            / 1e9;
+        Ok((
+            k_chunk_estimate(bits, device_gbps, link_gbps),
+            device_gbps,
+            link_gbps,
+        ))
     }
 
     fn linear(&self, l: &GpuLinear, x: u64, y: u64) -> Result<()> {
         let gpu = &self.gpu;
         let GpuWeights::Packed { m, perm, low_rank } = &l.w else {
-            let GpuWeights::Dense(w) = l.w else { unreachable!() };
+            let GpuWeights::Dense(w) = l.w else {
+                unreachable!()
+            };
             return gpu.dense_gemv(w, x, l.bias, y, l.rows, l.cols);
         };
         let xs = match perm {
@@ -379,7 +405,9 @@ impl CudaModel {
             accumulate: qdec.is_some(),
             ..Default::default()
         };
-        let branch = low_rank.as_ref().filter(|_| self.low_rank != LowRankPath::Off);
+        let branch = low_rank
+            .as_ref()
+            .filter(|_| self.low_rank != LowRankPath::Off);
         if let Some((a, b, rank)) = branch {
             gpu.lowrank_down(b, x, self.buf.branch_v, *rank, l.cols)?;
             if self.low_rank == LowRankPath::Fused {
@@ -404,12 +432,21 @@ impl CudaModel {
         let c = &self.config;
         let d = c.hidden_size;
         if self.len >= self.max_len {
-            bail!("{} positions exceed the GPU KV cache's {}", self.len + 1, self.max_len);
+            bail!(
+                "{} positions exceed the GPU KV cache's {}",
+                self.len + 1,
+                self.max_len
+            );
         }
         let row = self
             .embed
             .get(token as usize * d..(token as usize + 1) * d)
-            .ok_or_else(|| anyhow!("token id {token} is outside the vocabulary of {}", c.vocab_size))?;
+            .ok_or_else(|| {
+                anyhow!(
+                    "token id {token} is outside the vocabulary of {}",
+                    c.vocab_size
+                )
+            })?;
         self.gpu
             .main
             .memcpy_htod(row, &mut self.buf.x)

@@ -43,7 +43,9 @@ pub fn driver_present() -> bool {
 /// only, no GPU.
 pub fn compile(arch: &'static str) -> Result<Ptx> {
     if !nvrtc_present() {
-        bail!("NVRTC (libnvrtc.so) was not found: install the CUDA runtime or add its lib folder to LD_LIBRARY_PATH");
+        bail!(
+            "NVRTC (libnvrtc.so) was not found: install the CUDA runtime or add its lib folder to LD_LIBRARY_PATH"
+        );
     }
     let opts = CompileOptions {
         arch: Some(arch),
@@ -213,12 +215,7 @@ impl Gpu {
         let side = ctx
             .new_stream()
             .map_err(|e| anyhow!("cannot create a stream: {e:?}"))?;
-        Ok(Self {
-            ctx,
-            main,
-            side,
-            f,
-        })
+        Ok(Self { ctx, main, side, f })
     }
 
     pub fn name(&self) -> String {
@@ -228,9 +225,14 @@ impl Gpu {
     /// Peak memory bandwidth from the device attributes (GB/s), if it reports them.
     pub fn peak_gbps(&self) -> Option<f64> {
         use sys::CUdevice_attribute::*;
-        let clock_khz = self.ctx.attribute(CU_DEVICE_ATTRIBUTE_MEMORY_CLOCK_RATE).ok()? as f64;
-        let bus_bits =
-            self.ctx.attribute(CU_DEVICE_ATTRIBUTE_GLOBAL_MEMORY_BUS_WIDTH).ok()? as f64;
+        let clock_khz = self
+            .ctx
+            .attribute(CU_DEVICE_ATTRIBUTE_MEMORY_CLOCK_RATE)
+            .ok()? as f64;
+        let bus_bits = self
+            .ctx
+            .attribute(CU_DEVICE_ATTRIBUTE_GLOBAL_MEMORY_BUS_WIDTH)
+            .ok()? as f64;
         (clock_khz > 0.0 && bus_bits > 0.0).then(|| 2.0 * clock_khz * 1e3 * bus_bits / 8.0 / 1e9)
     }
 
@@ -286,9 +288,21 @@ impl Gpu {
         let rows_per_block = GEMV_THREADS / 32;
         let cfg = config(blocks_for(m.rows, rows_per_block), GEMV_THREADS, 0);
         let mut b = self.main.launch_builder(&self.f.gemv[index]);
-        b.arg(&m.codes).arg(&m.scales).arg(&m.zeros).arg(&m.sym_zero);
-        b.arg(&x).arg(&e.bias).arg(&y).arg(&rows).arg(&cols).arg(&group);
-        b.arg(&e.a_f16).arg(&e.a_i8).arg(&e.a_scales).arg(&e.v).arg(&e.rank);
+        b.arg(&m.codes)
+            .arg(&m.scales)
+            .arg(&m.zeros)
+            .arg(&m.sym_zero);
+        b.arg(&x)
+            .arg(&e.bias)
+            .arg(&y)
+            .arg(&rows)
+            .arg(&cols)
+            .arg(&group);
+        b.arg(&e.a_f16)
+            .arg(&e.a_i8)
+            .arg(&e.a_scales)
+            .arg(&e.v)
+            .arg(&e.rank);
         b.arg(&accumulate);
         // SAFETY: the addresses are of live buffers of the shapes given (checked when the
         // model was uploaded); the kernel reads and writes within them.
@@ -297,22 +311,48 @@ impl Gpu {
     }
 
     /// `v = B·x`, the branch's down-projection.
-    pub fn lowrank_down(&self, b: &FactorArgs, x: u64, v: u64, rank: usize, cols: usize) -> Result<()> {
+    pub fn lowrank_down(
+        &self,
+        b: &FactorArgs,
+        x: u64,
+        v: u64,
+        rank: usize,
+        cols: usize,
+    ) -> Result<()> {
         let (r, c) = (rank as i32, cols as i32);
         let cfg = config(blocks_for(rank, GEMV_THREADS / 32), GEMV_THREADS, 0);
         let mut l = self.main.launch_builder(&self.f.lowrank_down);
-        l.arg(&b.f16).arg(&b.i8).arg(&b.scales).arg(&x).arg(&v).arg(&r).arg(&c);
+        l.arg(&b.f16)
+            .arg(&b.i8)
+            .arg(&b.scales)
+            .arg(&x)
+            .arg(&v)
+            .arg(&r)
+            .arg(&c);
         // SAFETY: as for `packed_gemv`.
         unsafe { l.launch(cfg) }.map_err(|e| anyhow!("lowrank_down: {e:?}"))?;
         Ok(())
     }
 
     /// `t = A·v`, the unfused up-projection.
-    pub fn lowrank_up(&self, a: &FactorArgs, v: u64, t: u64, rows: usize, rank: usize) -> Result<()> {
+    pub fn lowrank_up(
+        &self,
+        a: &FactorArgs,
+        v: u64,
+        t: u64,
+        rows: usize,
+        rank: usize,
+    ) -> Result<()> {
         let (r, k) = (rows as i32, rank as i32);
         let cfg = config(blocks_for(rows, GEMV_THREADS / 32), GEMV_THREADS, 0);
         let mut l = self.main.launch_builder(&self.f.lowrank_up);
-        l.arg(&a.f16).arg(&a.i8).arg(&a.scales).arg(&v).arg(&t).arg(&r).arg(&k);
+        l.arg(&a.f16)
+            .arg(&a.i8)
+            .arg(&a.scales)
+            .arg(&v)
+            .arg(&t)
+            .arg(&r)
+            .arg(&k);
         // SAFETY: as for `packed_gemv`.
         unsafe { l.launch(cfg) }.map_err(|e| anyhow!("lowrank_up: {e:?}"))?;
         Ok(())
@@ -330,7 +370,15 @@ impl Gpu {
     }
 
     /// `y = W·x (+ bias)` for a dense f32 `[rows, cols]` matrix.
-    pub fn dense_gemv(&self, w: u64, x: u64, bias: u64, y: u64, rows: usize, cols: usize) -> Result<()> {
+    pub fn dense_gemv(
+        &self,
+        w: u64,
+        x: u64,
+        bias: u64,
+        y: u64,
+        rows: usize,
+        cols: usize,
+    ) -> Result<()> {
         let (r, c) = (rows as i32, cols as i32);
         let cfg = config(blocks_for(rows, GEMV_THREADS / 32), GEMV_THREADS, 0);
         let mut l = self.main.launch_builder(&self.f.dense_gemv);
@@ -386,12 +434,24 @@ impl Gpu {
         let (n_heads, n_kv, head_dim) = (heads.0 as i32, heads.1 as i32, heads.2 as i32);
         let (h, p) = (half as i32, pos as i32);
         let mut l = self.main.launch_builder(&self.f.rope_store);
-        l.arg(&q).arg(&k).arg(&v).arg(&inv_freq).arg(&h).arg(&n_heads).arg(&n_kv);
+        l.arg(&q)
+            .arg(&k)
+            .arg(&v)
+            .arg(&inv_freq)
+            .arg(&h)
+            .arg(&n_heads)
+            .arg(&n_kv);
         l.arg(&head_dim).arg(&p).arg(&caches.0).arg(&caches.1);
         let pairs = (heads.0 + heads.1) * half;
         // SAFETY: the caches hold more than `pos` rows (checked by the caller).
-        unsafe { l.launch(config(blocks_for(pairs.max(heads.1 * heads.2), 256), 256, 0)) }
-            .map_err(|e| anyhow!("rope_store: {e:?}"))?;
+        unsafe {
+            l.launch(config(
+                blocks_for(pairs.max(heads.1 * heads.2), 256),
+                256,
+                0,
+            ))
+        }
+        .map_err(|e| anyhow!("rope_store: {e:?}"))?;
         Ok(())
     }
 
@@ -410,7 +470,11 @@ impl Gpu {
         let (n_heads, n_kv, head_dim) = (heads.0 as i32, heads.1 as i32, heads.2 as i32);
         let (n, m) = (len as i32, max_len as i32);
         let mut l = self.main.launch_builder(&self.f.attention_decode);
-        l.arg(&q).arg(&caches.0).arg(&caches.1).arg(&out).arg(&scratch);
+        l.arg(&q)
+            .arg(&caches.0)
+            .arg(&caches.1)
+            .arg(&out)
+            .arg(&scratch);
         l.arg(&n_heads).arg(&n_kv).arg(&head_dim).arg(&n).arg(&m);
         // SAFETY: `scratch` holds `n_heads · max_len` values and `len ≤ max_len`.
         unsafe { l.launch(config(heads.0 as u32, 256, 0)) }
@@ -419,7 +483,13 @@ impl Gpu {
     }
 
     /// QDEC's correction of `y` (accumulated atomically) for activation `x`, on `stream`.
-    pub fn qdec_correct(&self, q: &QdecArgs, x: u64, y: u64, stream: &Arc<CudaStream>) -> Result<()> {
+    pub fn qdec_correct(
+        &self,
+        q: &QdecArgs,
+        x: u64,
+        y: u64,
+        stream: &Arc<CudaStream>,
+    ) -> Result<()> {
         let total = q.total();
         let shared = (8 * total + 4 * 1024 + 4 * 2 * BUCKETS) as u32;
         if shared > 48 * 1024 {
@@ -429,12 +499,20 @@ impl Gpu {
             );
         }
         if !q.rows.is_multiple_of(8) {
-            bail!("QDEC on the GPU reads residual runs as 32-bit words: {} rows is not a multiple of 8", q.rows);
+            bail!(
+                "QDEC on the GPU reads residual runs as 32-bit words: {} rows is not a multiple of 8",
+                q.rows
+            );
         }
         let (n, k, rows) = (q.cols as i32, q.k_chunk as i32, q.rows as i32);
         let mode = i32::from(q.floors != 0);
         let mut l = stream.launch_builder(&self.f.qdec_correct);
-        l.arg(&x).arg(&n).arg(&k).arg(&mode).arg(&q.floors).arg(&q.residual);
+        l.arg(&x)
+            .arg(&n)
+            .arg(&k)
+            .arg(&mode)
+            .arg(&q.floors)
+            .arg(&q.residual);
         l.arg(&q.scales).arg(&rows).arg(&y);
         // SAFETY: the residual mapping holds `cols · rows/2` bytes, the scales `rows`, and the
         // selection fits the shared memory requested.
@@ -457,16 +535,23 @@ impl Gpu {
             let mut l = self.main.launch_builder(&self.f.read_probe);
             l.arg(&src).arg(&n).arg(&sink_ptr);
             // SAFETY: `src` holds `words` u32.
-            unsafe { l.launch(config(4 * sms, 1024, 0)) }.map_err(|e| anyhow!("read_probe: {e:?}"))?;
+            unsafe { l.launch(config(4 * sms, 1024, 0)) }
+                .map_err(|e| anyhow!("read_probe: {e:?}"))?;
             Ok(())
         };
         run()?;
         let timing = Some(sys::CUevent_flags::CU_EVENT_DEFAULT);
-        let start = self.main.record_event(timing).map_err(|e| anyhow!("{e:?}"))?;
+        let start = self
+            .main
+            .record_event(timing)
+            .map_err(|e| anyhow!("{e:?}"))?;
         for _ in 0..reps.max(1) {
             run()?;
         }
-        let end = self.main.record_event(timing).map_err(|e| anyhow!("{e:?}"))?;
+        let end = self
+            .main
+            .record_event(timing)
+            .map_err(|e| anyhow!("{e:?}"))?;
         let ms = start.elapsed_ms(&end).map_err(|e| anyhow!("{e:?}"))?;
         Ok(ms as f64 / 1e3 / reps.max(1) as f64)
     }
@@ -487,9 +572,7 @@ impl MappedHost {
                 .alloc_pinned_with_flags::<u8>(bytes.len().max(1), sys::CU_MEMHOSTALLOC_DEVICEMAP)
         }
         .map_err(|e| anyhow!("cannot pin {} bytes of host memory: {e:?}", bytes.len()))?;
-        host.as_mut_slice()
-            .map_err(|e| anyhow!("{e:?}"))?[..bytes.len()]
-            .copy_from_slice(bytes);
+        host.as_mut_slice().map_err(|e| anyhow!("{e:?}"))?[..bytes.len()].copy_from_slice(bytes);
         let hp = host.as_mut_ptr().map_err(|e| anyhow!("{e:?}"))? as *mut core::ffi::c_void;
         let mut device: sys::CUdeviceptr = 0;
         // SAFETY: `hp` is a live allocation made with CU_MEMHOSTALLOC_DEVICEMAP.

@@ -15,13 +15,20 @@ use recoup_formats::residual::pack_input_major;
 #[test]
 fn kernels_compile_with_nvrtc() {
     if !nvrtc_present() {
-        eprintln!("NVRTC not found: compilation not checked (set LD_LIBRARY_PATH to its lib folder)");
+        eprintln!(
+            "NVRTC not found: compilation not checked (set LD_LIBRARY_PATH to its lib folder)"
+        );
         return;
     }
     for arch in ["compute_80", "compute_90"] {
         let ptx = compile(arch).unwrap_or_else(|e| panic!("{arch}: {e}"));
         let text = ptx.to_src();
-        for name in ["packed_gemv_q3", "qdec_correct", "attention_decode", "rope_store"] {
+        for name in [
+            "packed_gemv_q3",
+            "qdec_correct",
+            "attention_decode",
+            "rope_store",
+        ] {
             assert!(text.contains(name), "{arch}: {name} missing from the PTX");
         }
     }
@@ -45,7 +52,11 @@ fn rel_err(a: &[f32], b: &[f32]) -> f32 {
     a.iter().zip(b).fold(0f32, |m, (x, y)| m.max((x - y).abs())) / scale
 }
 
-fn factor_args(gpu: &Gpu, f: &recoup_formats::packed::Factor, keep: &mut Vec<CudaSlice<u8>>) -> FactorArgs {
+fn factor_args(
+    gpu: &Gpu,
+    f: &recoup_formats::packed::Factor,
+    keep: &mut Vec<CudaSlice<u8>>,
+) -> FactorArgs {
     use recoup_formats::packed::Factor;
     let mut up = |bytes: Vec<u8>| {
         let s = gpu.upload(&bytes).unwrap();
@@ -55,7 +66,10 @@ fn factor_args(gpu: &Gpu, f: &recoup_formats::packed::Factor, keep: &mut Vec<Cud
     };
     let f16_bytes = |v: &[f16]| v.iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<u8>>();
     match f {
-        Factor::F16(v) => FactorArgs { f16: up(f16_bytes(v)), ..Default::default() },
+        Factor::F16(v) => FactorArgs {
+            f16: up(f16_bytes(v)),
+            ..Default::default()
+        },
         Factor::Int8 { codes, scales } => FactorArgs {
             i8: up(codes.iter().map(|&c| c as u8).collect()),
             scales: up(f16_bytes(scales)),
@@ -69,17 +83,29 @@ fn packed_products_match_the_cpu_with_both_low_rank_paths() {
     let Some(gpu) = gpu() else { return };
     let mut rng = StdRng::seed_from_u64(11);
     for bits in [2, 3, 4, 8] {
-        for (group, sym, rows, cols) in [(128, false, 300, 896), (64, true, 77, 4864), (32, false, 5, 64)] {
+        for (group, sym, rows, cols) in [
+            (128, false, 300, 896),
+            (64, true, 77, 4864),
+            (32, false, 5, 64),
+        ] {
             let spec = GridSpec::new(bits, group, sym).unwrap();
             let m = random_matrix(&mut rng, spec, rows, cols);
             let x = random_activation(&mut rng, cols);
             let w = m.dequantize();
             let plain: Vec<f32> = (0..rows)
-                .map(|r| w[r * cols..(r + 1) * cols].iter().zip(&x).map(|(a, b)| a * b).sum())
+                .map(|r| {
+                    w[r * cols..(r + 1) * cols]
+                        .iter()
+                        .zip(&x)
+                        .map(|(a, b)| a * b)
+                        .sum()
+                })
                 .collect();
             let mut keep = Vec::new();
             let codes = gpu.upload(&m.codes[..]).unwrap();
-            let scales = gpu.upload(&m.scales.iter().map(|s| s.to_bits()).collect::<Vec<u16>>()).unwrap();
+            let scales = gpu
+                .upload(&m.scales.iter().map(|s| s.to_bits()).collect::<Vec<u16>>())
+                .unwrap();
             let zeros = (!sym).then(|| gpu.upload(&m.zeros).unwrap());
             let args = PackedArgs {
                 bits,
@@ -93,26 +119,41 @@ fn packed_products_match_the_cpu_with_both_low_rank_paths() {
             };
             let xd = gpu.upload(&x).unwrap();
             let y: CudaSlice<f32> = gpu.zeros(rows).unwrap();
-            gpu.packed_gemv(&args, gpu.ptr(&xd), gpu.ptr(&y), &GemvEpilogue::default()).unwrap();
+            gpu.packed_gemv(&args, gpu.ptr(&xd), gpu.ptr(&y), &GemvEpilogue::default())
+                .unwrap();
             let got = gpu.download(&y).unwrap();
             let e = rel_err(&got, &plain);
             assert!(e < 1e-4, "{bits}-bit g{group} sym {sym} {rows}×{cols}: {e}");
 
             for dtype in [FactorDtype::F16, FactorDtype::Int8] {
                 let rank = 24;
-                let a: Vec<f32> = (0..rows * rank).map(|_| rng.random_range(-0.1..0.1)).collect();
-                let b: Vec<f32> = (0..rank * cols).map(|_| rng.random_range(-0.1..0.1)).collect();
+                let a: Vec<f32> = (0..rows * rank)
+                    .map(|_| rng.random_range(-0.1..0.1))
+                    .collect();
+                let b: Vec<f32> = (0..rank * cols)
+                    .map(|_| rng.random_range(-0.1..0.1))
+                    .collect();
                 let lr = LowRank::from_f32(rank, &a, &b, dtype);
                 let (af, bf) = (lr.a_f32(), lr.b_f32());
                 let v: Vec<f32> = (0..rank)
-                    .map(|j| bf[j * cols..(j + 1) * cols].iter().zip(&x).map(|(p, q)| p * q).sum())
+                    .map(|j| {
+                        bf[j * cols..(j + 1) * cols]
+                            .iter()
+                            .zip(&x)
+                            .map(|(p, q)| p * q)
+                            .sum()
+                    })
                     .collect();
                 let want: Vec<f32> = (0..rows)
                     .map(|r| plain[r] + (0..rank).map(|j| af[r * rank + j] * v[j]).sum::<f32>())
                     .collect();
-                let (fa, fb) = (factor_args(&gpu, &lr.a, &mut keep), factor_args(&gpu, &lr.b, &mut keep));
+                let (fa, fb) = (
+                    factor_args(&gpu, &lr.a, &mut keep),
+                    factor_args(&gpu, &lr.b, &mut keep),
+                );
                 let vd: CudaSlice<f32> = gpu.zeros(rank).unwrap();
-                gpu.lowrank_down(&fb, gpu.ptr(&xd), gpu.ptr(&vd), rank, cols).unwrap();
+                gpu.lowrank_down(&fb, gpu.ptr(&xd), gpu.ptr(&vd), rank, cols)
+                    .unwrap();
                 // Fused: the up-projection in the product's epilogue.
                 let fused: CudaSlice<f32> = gpu.zeros(rows).unwrap();
                 let e = GemvEpilogue {
@@ -123,12 +164,20 @@ fn packed_products_match_the_cpu_with_both_low_rank_paths() {
                     rank: rank as i32,
                     ..Default::default()
                 };
-                gpu.packed_gemv(&args, gpu.ptr(&xd), gpu.ptr(&fused), &e).unwrap();
+                gpu.packed_gemv(&args, gpu.ptr(&xd), gpu.ptr(&fused), &e)
+                    .unwrap();
                 // Unfused: product, up-projection, addition.
                 let unfused: CudaSlice<f32> = gpu.zeros(rows).unwrap();
                 let t: CudaSlice<f32> = gpu.zeros(rows).unwrap();
-                gpu.packed_gemv(&args, gpu.ptr(&xd), gpu.ptr(&unfused), &GemvEpilogue::default()).unwrap();
-                gpu.lowrank_up(&fa, gpu.ptr(&vd), gpu.ptr(&t), rows, rank).unwrap();
+                gpu.packed_gemv(
+                    &args,
+                    gpu.ptr(&xd),
+                    gpu.ptr(&unfused),
+                    &GemvEpilogue::default(),
+                )
+                .unwrap();
+                gpu.lowrank_up(&fa, gpu.ptr(&vd), gpu.ptr(&t), rows, rank)
+                    .unwrap();
                 gpu.add(gpu.ptr(&unfused), gpu.ptr(&t), rows).unwrap();
                 for (name, out) in [("fused", &fused), ("unfused", &unfused)] {
                     let e = rel_err(&gpu.download(out).unwrap(), &want);
@@ -143,9 +192,16 @@ fn packed_products_match_the_cpu_with_both_low_rank_paths() {
 fn qdec_correction_matches_the_dense_residual_product() {
     let Some(gpu) = gpu() else { return };
     let mut rng = StdRng::seed_from_u64(12);
-    for (rows, cols, k_chunk) in [(896, 896, 8), (4864, 896, 64), (896, 4864, 16), (64, 2500, 1024)] {
+    for (rows, cols, k_chunk) in [
+        (896, 896, 8),
+        (4864, 896, 64),
+        (896, 4864, 16),
+        (64, 2500, 1024),
+    ] {
         let levels: Vec<i8> = (0..rows * cols).map(|_| rng.random_range(-7..=7)).collect();
-        let scales: Vec<f16> = (0..rows).map(|_| f16::from_f32(rng.random_range(0.001..0.02))).collect();
+        let scales: Vec<f16> = (0..rows)
+            .map(|_| f16::from_f32(rng.random_range(0.001..0.02)))
+            .collect();
         let x = random_activation(&mut rng, cols);
         let mut channels = Vec::new();
         crate::qdec::select_exact(&x, k_chunk, &mut channels);
@@ -160,7 +216,9 @@ fn qdec_correction_matches_the_dense_residual_product() {
             })
             .collect();
         let mapped = MappedHost::new(&gpu, &pack_input_major(&levels, rows, cols)).unwrap();
-        let sd = gpu.upload(&scales.iter().map(|s| s.to_bits()).collect::<Vec<u16>>()).unwrap();
+        let sd = gpu
+            .upload(&scales.iter().map(|s| s.to_bits()).collect::<Vec<u16>>())
+            .unwrap();
         let xd = gpu.upload(&x).unwrap();
         let q = QdecArgs {
             residual: mapped.device_ptr(),
@@ -176,7 +234,8 @@ fn qdec_correction_matches_the_dense_residual_product() {
             continue;
         }
         let y = gpu.upload(&base).unwrap();
-        gpu.qdec_correct(&q, gpu.ptr(&xd), gpu.ptr(&y), &gpu.main).unwrap();
+        gpu.qdec_correct(&q, gpu.ptr(&xd), gpu.ptr(&y), &gpu.main)
+            .unwrap();
         let e = rel_err(&gpu.download(&y).unwrap(), &want);
         assert!(e < 1e-4, "exact {rows}×{cols} k {k_chunk}: {e}");
 
@@ -188,8 +247,12 @@ fn qdec_correction_matches_the_dense_residual_product() {
         let floors = crate::qdec::BucketFloors::new(mags[0], mags[total.max(1) - 1]);
         let fd = gpu.upload(&floors.floors).unwrap();
         let y = gpu.upload(&base).unwrap();
-        let qb = QdecArgs { floors: gpu.ptr(&fd), ..q };
-        gpu.qdec_correct(&qb, gpu.ptr(&xd), gpu.ptr(&y), &gpu.main).unwrap();
+        let qb = QdecArgs {
+            floors: gpu.ptr(&fd),
+            ..q
+        };
+        gpu.qdec_correct(&qb, gpu.ptr(&xd), gpu.ptr(&y), &gpu.main)
+            .unwrap();
         let mut cpu_bucket = Vec::new();
         crate::qdec::select_bucket(&x, k_chunk, &floors, &mut cpu_bucket);
         let want: Vec<f32> = (0..rows)
@@ -217,8 +280,13 @@ fn block_operations_match_the_cpu() {
     let (x, w) = (rand(896), rand(896));
     let mut want = vec![0f32; 896];
     cpu_rms_norm(&x, &w, 1e-6, &mut want);
-    let (xd, wd, od) = (gpu.upload(&x).unwrap(), gpu.upload(&w).unwrap(), gpu.zeros::<f32>(896).unwrap());
-    gpu.rms_norm(gpu.ptr(&xd), gpu.ptr(&wd), gpu.ptr(&od), 896, 1e-6).unwrap();
+    let (xd, wd, od) = (
+        gpu.upload(&x).unwrap(),
+        gpu.upload(&w).unwrap(),
+        gpu.zeros::<f32>(896).unwrap(),
+    );
+    gpu.rms_norm(gpu.ptr(&xd), gpu.ptr(&wd), gpu.ptr(&od), 896, 1e-6)
+        .unwrap();
     assert!(rel_err(&gpu.download(&od).unwrap(), &want) < 1e-5);
 
     // RoPE + cache store + attention of the newest position.
@@ -230,30 +298,71 @@ fn block_operations_match_the_cpu() {
     let (q, k, v) = (rand(q_dim), rand(kv_dim), rand(kv_dim));
     let pos = len - 1;
     let (kc, vc) = (gpu.upload(&k_cache).unwrap(), gpu.upload(&v_cache).unwrap());
-    let (qd, kd, vd) = (gpu.upload(&q).unwrap(), gpu.upload(&k).unwrap(), gpu.upload(&v).unwrap());
+    let (qd, kd, vd) = (
+        gpu.upload(&q).unwrap(),
+        gpu.upload(&k).unwrap(),
+        gpu.upload(&v).unwrap(),
+    );
     let invd = gpu.upload(&inv).unwrap();
     gpu.rope_store(
-        gpu.ptr(&qd), gpu.ptr(&kd), gpu.ptr(&vd), gpu.ptr(&invd), inv.len(),
-        (n_heads, n_kv, head_dim), pos, (gpu.ptr(&kc), gpu.ptr(&vc)),
-    ).unwrap();
+        gpu.ptr(&qd),
+        gpu.ptr(&kd),
+        gpu.ptr(&vd),
+        gpu.ptr(&invd),
+        inv.len(),
+        (n_heads, n_kv, head_dim),
+        pos,
+        (gpu.ptr(&kc), gpu.ptr(&vc)),
+    )
+    .unwrap();
     let rope = RopeTable::new(&inv, pos, 1);
     let (mut q_cpu, mut k_cpu) = (q.clone(), k.clone());
     rope.apply(&mut q_cpu, n_heads, head_dim);
     rope.apply(&mut k_cpu, n_kv, head_dim);
     k_cache[pos * kv_dim..len * kv_dim].copy_from_slice(&k_cpu);
     v_cache[pos * kv_dim..len * kv_dim].copy_from_slice(&v);
-    assert!(rel_err(&gpu.download(&qd).unwrap(), &q_cpu) < 1e-5, "rotated q");
-    assert!(rel_err(&gpu.download(&kc).unwrap()[..len * kv_dim], &k_cache[..len * kv_dim]) < 1e-5);
+    assert!(
+        rel_err(&gpu.download(&qd).unwrap(), &q_cpu) < 1e-5,
+        "rotated q"
+    );
+    assert!(
+        rel_err(
+            &gpu.download(&kc).unwrap()[..len * kv_dim],
+            &k_cache[..len * kv_dim]
+        ) < 1e-5
+    );
     let mut attn = vec![0f32; q_dim];
-    let shape = AttentionShape { n_heads, n_kv_heads: n_kv, head_dim };
-    causal_attention(&q_cpu, &k_cache[..len * kv_dim], &v_cache[..len * kv_dim], &mut attn, 1, pos, shape, None);
+    let shape = AttentionShape {
+        n_heads,
+        n_kv_heads: n_kv,
+        head_dim,
+    };
+    causal_attention(
+        &q_cpu,
+        &k_cache[..len * kv_dim],
+        &v_cache[..len * kv_dim],
+        &mut attn,
+        1,
+        pos,
+        shape,
+        None,
+    );
     let out = gpu.zeros::<f32>(q_dim).unwrap();
     let scratch = gpu.zeros::<f32>(n_heads * max_len).unwrap();
     gpu.attention_decode(
-        gpu.ptr(&qd), (gpu.ptr(&kc), gpu.ptr(&vc)), gpu.ptr(&out), gpu.ptr(&scratch),
-        (n_heads, n_kv, head_dim), len, max_len,
-    ).unwrap();
-    assert!(rel_err(&gpu.download(&out).unwrap(), &attn) < 1e-5, "attention");
+        gpu.ptr(&qd),
+        (gpu.ptr(&kc), gpu.ptr(&vc)),
+        gpu.ptr(&out),
+        gpu.ptr(&scratch),
+        (n_heads, n_kv, head_dim),
+        len,
+        max_len,
+    )
+    .unwrap();
+    assert!(
+        rel_err(&gpu.download(&out).unwrap(), &attn) < 1e-5,
+        "attention"
+    );
 }
 
 #[test]

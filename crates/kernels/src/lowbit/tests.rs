@@ -3,10 +3,10 @@
 
 use super::*;
 use crate::matmul::matmul_wt;
+use crate::testutil::{random_activation, random_matrix};
 use half::f16;
 use rand::rngs::StdRng;
 use rand::{RngExt, SeedableRng};
-use crate::testutil::{random_activation, random_matrix};
 use recoup_formats::packed::{FactorDtype, GridSpec};
 
 fn configs() -> Vec<(u32, usize, bool, usize, usize)> {
