@@ -7,7 +7,7 @@ use crate::linear::{LayerWeights, Linear, LowRankPath};
 use crate::qdec::Select;
 use crate::{Model, ModelConfig};
 use anyhow::{Result, anyhow, bail};
-use cudarc::driver::CudaSlice;
+use cudarc::driver::{CudaSlice, DeviceRepr};
 use half::f16;
 use recoup_formats::packed::Factor;
 use recoup_kernels::cuda::{
@@ -26,59 +26,37 @@ fn f16_bits(v: &[f16]) -> Vec<u16> {
 /// Device buffers that must live as long as the addresses taken from them.
 #[derive(Default)]
 struct Keep {
-    u8s: Vec<CudaSlice<u8>>,
-    u16s: Vec<CudaSlice<u16>>,
-    f32s: Vec<CudaSlice<f32>>,
-    u32s: Vec<CudaSlice<u32>>,
-    f64s: Vec<CudaSlice<f64>>,
+    buffers: Vec<Box<dyn std::any::Any>>,
+    /// Bytes of everything uploaded or allocated.
+    bytes: usize,
 }
 
 impl Keep {
-    fn u8(&mut self, gpu: &Gpu, v: &[u8]) -> Result<u64> {
+    /// Uploads `v` and returns its address.
+    fn put<T: DeviceRepr + 'static>(&mut self, gpu: &Gpu, v: &[T]) -> Result<u64> {
         let s = gpu.upload(v)?;
         let p = gpu.ptr(&s);
-        self.u8s.push(s);
+        self.bytes += std::mem::size_of_val(v);
+        self.buffers.push(Box::new(s));
         Ok(p)
     }
-    fn u16(&mut self, gpu: &Gpu, v: &[u16]) -> Result<u64> {
-        let s = gpu.upload(v)?;
-        let p = gpu.ptr(&s);
-        self.u16s.push(s);
-        Ok(p)
-    }
-    fn f32(&mut self, gpu: &Gpu, v: &[f32]) -> Result<u64> {
-        let s = gpu.upload(v)?;
-        let p = gpu.ptr(&s);
-        self.f32s.push(s);
-        Ok(p)
-    }
-    fn u32(&mut self, gpu: &Gpu, v: &[u32]) -> Result<u64> {
-        let s = gpu.upload(v)?;
-        let p = gpu.ptr(&s);
-        self.u32s.push(s);
-        Ok(p)
-    }
-    fn f64(&mut self, gpu: &Gpu, v: &[f64]) -> Result<u64> {
-        let s = gpu.upload(v)?;
-        let p = gpu.ptr(&s);
-        self.f64s.push(s);
-        Ok(p)
-    }
+    /// Allocates `n` zeroed f32 and returns their address.
     fn zeros(&mut self, gpu: &Gpu, n: usize) -> Result<u64> {
         let s: CudaSlice<f32> = gpu.zeros(n.max(1))?;
         let p = gpu.ptr(&s);
-        self.f32s.push(s);
+        self.bytes += 4 * n.max(1);
+        self.buffers.push(Box::new(s));
         Ok(p)
     }
     fn factor(&mut self, gpu: &Gpu, f: &Factor) -> Result<FactorArgs> {
         Ok(match f {
             Factor::F16(v) => FactorArgs {
-                f16: self.u16(gpu, &f16_bits(v))?,
+                f16: self.put(gpu, &f16_bits(v))?,
                 ..Default::default()
             },
             Factor::Int8 { codes, scales } => FactorArgs {
-                i8: self.u8(gpu, &codes.iter().map(|&c| c as u8).collect::<Vec<u8>>())?,
-                scales: self.u16(gpu, &f16_bits(scales))?,
+                i8: self.put(gpu, &codes.iter().map(|&c| c as u8).collect::<Vec<u8>>())?,
+                scales: self.put(gpu, &f16_bits(scales))?,
                 ..Default::default()
             },
         })
@@ -113,11 +91,11 @@ impl GpuLinear {
     fn upload(gpu: &Gpu, l: &Linear, keep: &mut Keep) -> Result<Self> {
         let (rows, cols) = (l.op.out_features(), l.op.in_features());
         let bias = match &l.bias {
-            Some(b) => keep.f32(gpu, b)?,
+            Some(b) => keep.put(gpu, b)?,
             None => 0,
         };
         let (w, qdec) = match l.op.weights() {
-            LayerWeights::Dense(w) => (GpuWeights::Dense(keep.f32(gpu, w)?), None),
+            LayerWeights::Dense(w) => (GpuWeights::Dense(keep.put(gpu, w)?), None),
             LayerWeights::Packed { packed, qdec } => {
                 let m = &packed.matrix;
                 let args = PackedArgs {
@@ -125,17 +103,17 @@ impl GpuLinear {
                     rows,
                     cols,
                     group: m.spec.group,
-                    codes: keep.u8(gpu, &m.codes)?,
-                    scales: keep.u16(gpu, &f16_bits(&m.scales))?,
+                    codes: keep.put(gpu, &m.codes)?,
+                    scales: keep.put(gpu, &f16_bits(&m.scales))?,
                     zeros: if m.spec.sym {
                         0
                     } else {
-                        keep.u8(gpu, &m.zeros)?
+                        keep.put(gpu, &m.zeros)?
                     },
                     sym_zero: i32::from(m.spec.sym_zero()),
                 };
                 let perm = match &packed.perm {
-                    Some(p) => Some(keep.u32(gpu, p)?),
+                    Some(p) => Some(keep.put(gpu, p)?),
                     None => None,
                 };
                 let low_rank = match &packed.low_rank {
@@ -148,7 +126,7 @@ impl GpuLinear {
                             Select::Exact => 0,
                             Select::Bucket => {
                                 let f = c.floors().expect("bucket selection has floors");
-                                keep.f32(gpu, &f.floors)?
+                                keep.put(gpu, &f.floors)?
                             }
                             other => bail!(
                                 "QDEC on the GPU selects exactly or by buckets, not `{}`",
@@ -159,7 +137,7 @@ impl GpuLinear {
                         let residual = MappedHost::new(gpu, r.codes.bytes())?;
                         let args = QdecArgs {
                             residual: residual.device_ptr(),
-                            scales: keep.u16(gpu, &f16_bits(&r.scales))?,
+                            scales: keep.put(gpu, &f16_bits(&r.scales))?,
                             rows: r.rows,
                             cols: r.cols,
                             k_chunk: c.k_chunk(),
@@ -265,14 +243,14 @@ impl CudaModel {
                 .map(|l| GpuLinear::upload(&gpu, l, &mut keep))
                 .collect::<Result<Vec<_>>>()?;
             blocks.push(GpuBlock {
-                attn_norm: keep.f32(&gpu, &b.attn_norm)?,
-                ffn_norm: keep.f32(&gpu, &b.ffn_norm)?,
+                attn_norm: keep.put(&gpu, &b.attn_norm)?,
+                ffn_norm: keep.put(&gpu, &b.ffn_norm)?,
                 linears,
             });
         }
         let head = GpuLinear::upload(&gpu, &model.lm_head, &mut keep)?;
-        let norm = keep.f32(&gpu, &model.norm)?;
-        let inv_freq = keep.f64(&gpu, &model.inv_freq)?;
+        let norm = keep.put(&gpu, &model.norm)?;
+        let inv_freq = keep.put(&gpu, &model.inv_freq)?;
         let kv = c.kv_dim();
         let mut caches = Vec::new();
         for _ in 0..c.n_layers {
@@ -305,10 +283,7 @@ impl CudaModel {
             scores: keep.zeros(&gpu, c.n_heads * max_len)?,
             logits,
         };
-        let device_bytes = keep.u8s.iter().map(|s| s.len()).sum::<usize>()
-            + 2 * keep.u16s.iter().map(|s| s.len()).sum::<usize>()
-            + 4 * keep.f32s.iter().map(|s| s.len()).sum::<usize>()
-            + 4 * keep.u32s.iter().map(|s| s.len()).sum::<usize>();
+        let device_bytes = keep.bytes;
         gpu.sync()?;
         Ok(Self {
             half: model.inv_freq.len(),
