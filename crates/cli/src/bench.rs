@@ -1,4 +1,4 @@
-use anyhow::{Result, bail};
+use anyhow::{Context, Result, bail};
 use recoup_eval::speed::{decode_tokens_per_s, paired_decode_tokens_per_s, prefill_tokens_per_s};
 use recoup_kernels::membw::stream_read_gbps;
 
@@ -25,6 +25,11 @@ pub struct Args {
     /// decode only, so --pp is ignored there).
     #[arg(long, value_enum, default_value = "cpu")]
     device: Device,
+    /// Speed only, for a model that is not on this machine: --model is then a `config.json`
+    /// (or a directory holding one) and every block linear gets random codes of this many
+    /// bits (g128 asymmetric; 8-bit head). Decode time depends on the shapes, not the values.
+    #[arg(long, value_parser = clap::value_parser!(u32).range(2..=8))]
+    random_weights: Option<u32>,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -43,8 +48,11 @@ pub fn main(args: Args) -> Result<()> {
              (no CUDA toolkit needed, only an NVIDIA driver where it runs)"
         );
     }
-    let loaded = crate::load_model(&args.model, &args.kernels)?;
-    let model = &loaded.model;
+    let model = match args.random_weights {
+        Some(bits) => random_model(&args, bits)?,
+        None => crate::load_model(&args.model, &args.kernels)?.model,
+    };
+    let model = &model;
     #[cfg(feature = "cuda")]
     if args.device == Device::Cuda {
         return cuda::main(&args, model);
@@ -127,6 +135,40 @@ pub fn main(args: Args) -> Result<()> {
         );
     }
     Ok(())
+}
+
+/// The model of `--random-weights`: the shapes of `--model`'s config.json.
+fn random_model(args: &Args, bits: u32) -> Result<recoup_model::Model> {
+    if args.kernels.qdec.is_some() {
+        bail!(
+            "--random-weights has no residual to correct: QDEC needs a real checkpoint and its sidecar"
+        );
+    }
+    let mut path = std::path::PathBuf::from(&args.model);
+    if path.is_dir() {
+        path = path.join("config.json");
+    }
+    let text = std::fs::read_to_string(&path).with_context(|| {
+        format!(
+            "--random-weights reads the model's shapes from a config.json: cannot read {}",
+            path.display()
+        )
+    })?;
+    let json: serde_json::Value = serde_json::from_str(&text)
+        .with_context(|| format!("{} is not valid JSON", path.display()))?;
+    let config = recoup_model::ModelConfig::from_hf(&json, &path)?;
+    let spec = recoup_formats::packed::GridSpec::new(bits, 128, false)?;
+    let start = std::time::Instant::now();
+    let mut model = recoup_model::synthetic::random_model(config, spec, 0)?;
+    model.set_kernel_options(args.kernels.options());
+    eprintln!(
+        "recoup: random {bits}-bit weights in the shapes of {} ({} layers, d={}) made in {:.1}s: speed only",
+        path.display(),
+        model.config.n_layers,
+        model.config.hidden_size,
+        start.elapsed().as_secs_f64()
+    );
+    Ok(model)
 }
 
 #[cfg(feature = "cuda")]

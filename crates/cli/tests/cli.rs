@@ -216,3 +216,59 @@ fn bench_reports_speed_and_bandwidth() {
     assert_eq!(o.status.code(), Some(1));
     assert!(stderr(&o).contains("nothing to measure"));
 }
+
+#[test]
+fn bench_measures_random_weights_in_a_configs_shapes() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = serde_json::json!({
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama",
+        "hidden_size": 256, "intermediate_size": 512, "num_hidden_layers": 3,
+        "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 1000,
+        "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "max_position_embeddings": 128,
+        "tie_word_embeddings": true
+    });
+    std::fs::write(dir.path().join("config.json"), config.to_string()).unwrap();
+    let d = dir.path().to_str().unwrap();
+    let bench = |extra: &[&str]| {
+        let args = [
+            "bench", "--model", d, "--pp", "16", "--tg", "4", "--reps", "1", "--json",
+        ];
+        recoup(&[&args[..], extra].concat())
+    };
+    let o = bench(&["--random-weights", "3"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    // 3-bit codes plus an f16 scale and a u8 zero per group of 128.
+    let bpw = v["bits_per_weight"].as_f64().unwrap();
+    assert!((bpw - (3.0 + 24.0 / 128.0)).abs() < 1e-9, "{v}");
+    assert!(v["tg_tokens_per_s"].as_f64().unwrap() > 0.0, "{v}");
+    assert!(stderr(&o).contains("speed only"), "{}", stderr(&o));
+    for (flags, want) in [
+        (
+            vec!["--random-weights", "5"],
+            "5-bit grids are not supported",
+        ),
+        (vec!["--random-weights", "9"], "--random-weights"),
+    ] {
+        let o = bench(&flags);
+        assert!(
+            !o.status.success() && stderr(&o).contains(want),
+            "{}",
+            stderr(&o)
+        );
+    }
+    let o = recoup(&[
+        "bench",
+        "--model",
+        "/nonexistent",
+        "--random-weights",
+        "3",
+        "--tg",
+        "4",
+    ]);
+    assert!(
+        stderr(&o).contains("cannot read /nonexistent"),
+        "{}",
+        stderr(&o)
+    );
+}

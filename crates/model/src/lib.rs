@@ -13,6 +13,7 @@ pub mod llama;
 pub mod load;
 pub mod qdec;
 pub mod sampling;
+pub mod synthetic;
 pub mod tokenizer;
 
 pub use config::{Arch, ModelConfig};

@@ -245,8 +245,19 @@ impl Model {
         } else {
             r.linear("lm_head", c.vocab_size, d)?
         };
+        Ok(Self::assemble(config, embed, blocks, norm, lm_head))
+    }
+
+    /// A model from its parts (shapes already checked).
+    pub(crate) fn assemble(
+        config: ModelConfig,
+        embed: Arc<Vec<f32>>,
+        blocks: Vec<Block>,
+        norm: Vec<f32>,
+        lm_head: Linear,
+    ) -> Self {
         let inv_freq = config.rope_inv_freq();
-        Ok(Self {
+        Self {
             config,
             embed,
             blocks,
@@ -254,7 +265,7 @@ impl Model {
             lm_head,
             inv_freq,
             qdec_enabled: Arc::new(AtomicBool::new(true)),
-        })
+        }
     }
 
     /// Runs `tokens` at the positions after those in `cache`, appends them to the cache, and
