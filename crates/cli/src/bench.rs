@@ -24,7 +24,7 @@ pub struct Args {
     /// Where decode runs: the CPU kernels, or an NVIDIA GPU (a build with `--features cuda`;
     /// decode only, so --pp is ignored there).
     #[arg(long, value_enum, default_value = "cpu")]
-    device: Device,
+    device: crate::Device,
     /// Speed only, for a model that is not on this machine: --model is then a `config.json`
     /// (or a directory holding one) and every block linear gets random codes of this many
     /// bits (g128 asymmetric; 8-bit head). Decode time depends on the shapes, not the values.
@@ -32,29 +32,18 @@ pub struct Args {
     random_weights: Option<u32>,
 }
 
-#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
-enum Device {
-    Cpu,
-    Cuda,
-}
-
 pub fn main(args: Args) -> Result<()> {
     if args.pp == 0 && args.tg == 0 {
         bail!("--pp and --tg are both 0: nothing to measure");
     }
-    if args.device == Device::Cuda && !cfg!(feature = "cuda") {
-        bail!(
-            "this recoup was built without CUDA: rebuild with `cargo build --release --features cuda` \
-             (no CUDA toolkit needed, only an NVIDIA driver where it runs)"
-        );
-    }
+    args.device.check()?;
     let model = match args.random_weights {
         Some(bits) => random_model(&args, bits)?,
         None => crate::load_model(&args.model, &args.kernels)?.model,
     };
     let model = &model;
     #[cfg(feature = "cuda")]
-    if args.device == Device::Cuda {
+    if args.device == crate::Device::Cuda {
         return cuda::main(&args, model);
     }
     let stream_gbps = stream_read_gbps(1 << 30, 5);
@@ -177,7 +166,6 @@ mod cuda {
     use anyhow::Result;
     use recoup_eval::speed::paired_decode;
     use recoup_model::Model;
-    use recoup_model::cuda::CudaModel;
     use recoup_model::linear::LayerWeights;
     use recoup_model::sampling::argmax;
     use std::time::Instant;
@@ -186,7 +174,7 @@ mod cuda {
     /// with QDEC the paired slowdown, its memory and the k_chunk the bandwidth model picks.
     pub fn main(args: &Args, model: &Model) -> Result<()> {
         let options = args.kernels.options();
-        let mut gpu_model = CudaModel::upload(model, 0, args.tg.max(16), options.low_rank)?;
+        let mut gpu_model = crate::gpu_model(model, &args.kernels, args.tg.max(16))?;
         let start = model.config.bos_token_id.unwrap_or(1);
         let mut step = |restart: bool, token: u32| -> Result<u32> {
             if restart {

@@ -128,6 +128,45 @@ struct KernelArgs {
     qdec_prefill: bool,
 }
 
+/// Where a model's decode runs (`ppl`, `run`, `bench`).
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum Device {
+    Cpu,
+    /// An NVIDIA GPU: a build with `--features cuda`, one token at a time.
+    Cuda,
+}
+
+impl Device {
+    /// Refuses `cuda` in a build without the backend, before any model loads.
+    fn check(self) -> Result<()> {
+        if self == Device::Cuda && !cfg!(feature = "cuda") {
+            anyhow::bail!(
+                "this recoup was built without CUDA: rebuild with `cargo build --release --features cuda` \
+                 (no CUDA toolkit needed, only an NVIDIA driver where it runs)"
+            );
+        }
+        Ok(())
+    }
+}
+
+/// `model` uploaded to GPU 0 with a KV cache of `max_len` positions.
+#[cfg(feature = "cuda")]
+fn gpu_model(
+    model: &recoup_model::Model,
+    kernels: &KernelArgs,
+    max_len: usize,
+) -> Result<recoup_model::cuda::CudaModel> {
+    let start = std::time::Instant::now();
+    let gpu = recoup_model::cuda::CudaModel::upload(model, 0, max_len, kernels.options().low_rank)?;
+    eprintln!(
+        "recoup: on {} ({:.0} MB of weights and cache) in {:.1}s",
+        gpu.gpu.name(),
+        gpu.device_bytes as f64 / 1e6,
+        start.elapsed().as_secs_f64()
+    );
+    Ok(gpu)
+}
+
 #[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 enum SelectArg {
     Exact,

@@ -1,4 +1,6 @@
 use anyhow::{Context, Result};
+#[cfg(feature = "cuda")]
+use recoup_eval::ppl::perplexity_by_windows;
 use recoup_eval::ppl::{Protocol, perplexity};
 use std::time::Instant;
 
@@ -24,6 +26,10 @@ pub struct Args {
     /// Print one JSON object on stdout instead of text.
     #[arg(long)]
     json: bool,
+    /// Where the model runs: the CPU (windows as batched prefill), or an NVIDIA GPU (a build
+    /// with `--features cuda`; every position a decode step).
+    #[arg(long, value_enum, default_value = "cpu")]
+    device: crate::Device,
 }
 
 #[derive(Clone, Copy, clap::ValueEnum)]
@@ -46,6 +52,7 @@ pub fn main(args: Args) -> Result<()> {
     let text = std::fs::read_to_string(&text_path)
         .with_context(|| format!("cannot read text {}", text_path.display()))?;
     let text_sha256 = recoup_assets::sha256_file(&text_path)?;
+    args.device.check()?;
     let mut kernels = args.kernels;
     // Perplexity scores prompt positions only: QDEC corrects each as a decode step would.
     kernels.qdec_prefill = true;
@@ -58,19 +65,43 @@ pub fn main(args: Args) -> Result<()> {
     let start = Instant::now();
     // The window count is perplexity's to decide; it reports it with each finished window.
     let pb = crate::progress::bar(0, "windows");
-    let result = perplexity(
-        &loaded.model,
-        &tokens,
-        bos,
-        args.ctx,
-        protocol,
-        args.max_windows,
-        |done, total, running| {
-            pb.set_length(total as u64);
-            pb.set_position(done as u64);
-            pb.set_message(format!("ppl {running:.4}"));
-        },
-    )
+    let on_window = |done: usize, total: usize, running: f64| {
+        pb.set_length(total as u64);
+        pb.set_position(done as u64);
+        pb.set_message(format!("ppl {running:.4}"));
+    };
+    let result = match args.device {
+        crate::Device::Cpu => perplexity(
+            &loaded.model,
+            &tokens,
+            bos,
+            args.ctx,
+            protocol,
+            args.max_windows,
+            on_window,
+        ),
+        #[cfg(feature = "cuda")]
+        crate::Device::Cuda => {
+            let mut gpu = crate::gpu_model(&loaded.model, &kernels, args.ctx)?;
+            let mut score = |window: &[u32], positions: &[usize]| -> Result<Vec<f64>> {
+                gpu.reset();
+                let mut nlls = Vec::with_capacity(positions.len());
+                for (pos, &token) in window[..window.len() - 1].iter().enumerate() {
+                    let logits = gpu.step(token)?;
+                    // The scored positions are consecutive.
+                    if (positions[0]..=positions[positions.len() - 1]).contains(&pos) {
+                        let next = window[pos + 1] as usize;
+                        nlls.push(-recoup_kernels::ops::log_prob(&logits, next));
+                    }
+                }
+                Ok(nlls)
+            };
+            let (ctx, max) = (args.ctx, args.max_windows);
+            perplexity_by_windows(&tokens, bos, ctx, protocol, max, on_window, &mut score)
+        }
+        #[cfg(not(feature = "cuda"))]
+        crate::Device::Cuda => unreachable!("refused by Device::check"),
+    }
     .with_context(|| format!("text {}", text_path.display()))?;
     pb.finish_and_clear();
     let secs = start.elapsed().as_secs_f64();
@@ -84,6 +115,12 @@ pub fn main(args: Args) -> Result<()> {
         v["bits_per_weight"] = loaded.model.block_bits_per_weight().into();
         v["residual_bytes_per_token"] = loaded.model.residual_bytes_per_token().into();
         v["seconds"] = secs.into();
+        v["device"] = (if args.device == crate::Device::Cuda {
+            "cuda"
+        } else {
+            "cpu"
+        })
+        .into();
         v["qdec"] = kernels.qdec_record().into();
         v["tokens_per_second"] = (processed as f64 / secs).into();
         println!("{v}");

@@ -30,6 +30,50 @@ pub struct Args {
     /// Wrap the prompt in the model's chat template as one user message.
     #[arg(long)]
     chat: bool,
+    /// Where the model runs: the CPU, or an NVIDIA GPU (a build with `--features cuda`; the
+    /// prompt is fed one token at a time there).
+    #[arg(long, value_enum, default_value = "cpu")]
+    device: crate::Device,
+}
+
+/// The model the tokens go through: the CPU model with its cache, or its GPU copy.
+enum Engine<'a> {
+    Cpu {
+        model: &'a recoup_model::Model,
+        cache: KvCache,
+    },
+    #[cfg(feature = "cuda")]
+    Gpu(Box<recoup_model::cuda::CudaModel>),
+}
+
+impl Engine<'_> {
+    /// Runs `tokens` after those seen and returns the logits of the last.
+    fn feed(&mut self, tokens: &[u32]) -> Result<Vec<f32>> {
+        match self {
+            Engine::Cpu { model, cache } => {
+                let d = model.config.hidden_size;
+                let hidden = model.forward(tokens, cache)?;
+                Ok(model.logits(&hidden[hidden.len() - d..], 1))
+            }
+            #[cfg(feature = "cuda")]
+            Engine::Gpu(gpu) => {
+                let mut logits = Vec::new();
+                for &t in tokens {
+                    logits = gpu.step(t)?;
+                }
+                Ok(logits)
+            }
+        }
+    }
+
+    /// Positions seen so far.
+    fn len(&self) -> usize {
+        match self {
+            Engine::Cpu { cache, .. } => cache.len(),
+            #[cfg(feature = "cuda")]
+            Engine::Gpu(gpu) => gpu.len(),
+        }
+    }
 }
 
 pub fn main(args: Args) -> Result<()> {
@@ -45,6 +89,7 @@ pub fn main(args: Args) -> Result<()> {
             args.temperature
         );
     }
+    args.device.check()?;
     let loaded = crate::load_model(&args.model, &args.kernels)?;
     let (model, tk) = (&loaded.model, &loaded.tokenizer);
     let prompt = if args.chat {
@@ -77,7 +122,18 @@ pub fn main(args: Args) -> Result<()> {
     }
     // The last sampled token is never fed back, so it needs no cache slot.
     let capacity = (tokens.len() + args.max_tokens - 1).min(model.config.max_position);
-    let mut cache = KvCache::new(&model.config, capacity);
+    let mut engine = match args.device {
+        crate::Device::Cpu => Engine::Cpu {
+            model,
+            cache: KvCache::new(&model.config, capacity),
+        },
+        #[cfg(feature = "cuda")]
+        crate::Device::Cuda => {
+            Engine::Gpu(Box::new(crate::gpu_model(model, &args.kernels, capacity)?))
+        }
+        #[cfg(not(feature = "cuda"))]
+        crate::Device::Cuda => unreachable!("refused by Device::check"),
+    };
     let mut sampler = Sampler::new(args.temperature, args.top_p, args.seed);
     let mut stream = tk.stream();
     let mut out = std::io::stdout().lock();
@@ -86,9 +142,7 @@ pub fn main(args: Args) -> Result<()> {
         out.flush()?;
     }
     let t0 = Instant::now();
-    let d = model.config.hidden_size;
-    let hidden = model.forward(&tokens, &mut cache)?;
-    let mut logits = model.logits(&hidden[hidden.len() - d..], 1);
+    let mut logits = engine.feed(&tokens)?;
     let prefill_secs = t0.elapsed().as_secs_f64();
     let t1 = Instant::now();
     let mut generated = 0;
@@ -100,15 +154,14 @@ pub fn main(args: Args) -> Result<()> {
         }
         write!(out, "{}", stream.push(next)?)?;
         out.flush()?;
-        if generated == args.max_tokens || cache.len() == capacity {
+        if generated == args.max_tokens || engine.len() == capacity {
             break;
         }
-        let hidden = model.forward(&[next], &mut cache)?;
-        logits = model.logits(&hidden, 1);
+        logits = engine.feed(&[next])?;
     }
     writeln!(out)?;
     // Each generated token but the first cost one decode step.
-    let decode_steps = cache.len() - tokens.len();
+    let decode_steps = engine.len() - tokens.len();
     let decode_rate = if decode_steps > 0 {
         format!(
             "{:.1} tokens/s",

@@ -163,23 +163,28 @@ fn bad_residual_files_and_flags_are_clear_errors() {
 #[test]
 fn cuda_device_without_a_gpu_is_a_clear_error() {
     // Built without the feature, or with it on a machine without an NVIDIA driver (CI), the
-    // GPU path refuses with a sentence saying why.
-    let o = recoup(&[
-        "bench",
-        "--model",
-        "smollm2-135m",
-        "--device",
-        "cuda",
-        "--pp",
-        "0",
-        "--tg",
-        "16",
-    ]);
-    let err = stderr(&o);
-    assert!(!o.status.success(), "{err}");
-    assert!(
-        err.contains("built without CUDA") || err.contains("no CUDA driver"),
-        "{err}"
-    );
-    assert!(!err.contains("panicked"), "{err}");
+    // GPU path of every command that takes it refuses with a sentence saying why.
+    let m = ["--model", "smollm2-135m", "--device", "cuda"];
+    for args in [
+        vec!["bench", "--pp", "0", "--tg", "16"],
+        vec![
+            "ppl",
+            "--text",
+            "wiki-heldout",
+            "--ctx",
+            "64",
+            "--max-windows",
+            "1",
+        ],
+        vec!["run", "--prompt", "Hello", "--max-tokens", "2"],
+    ] {
+        let o = recoup(&[&args[..], &m[..]].concat());
+        let err = stderr(&o);
+        assert!(!o.status.success(), "{args:?}: {err}");
+        assert!(
+            err.contains("built without CUDA") || err.contains("no CUDA driver"),
+            "{args:?}: {err}"
+        );
+        assert!(!err.contains("panicked"), "{args:?}: {err}");
+    }
 }

@@ -80,37 +80,61 @@ pub fn perplexity(
     ctx: usize,
     protocol: Protocol,
     max_windows: Option<usize>,
-    mut on_window: impl FnMut(usize, usize, f64),
+    on_window: impl FnMut(usize, usize, f64),
 ) -> Result<PplResult> {
-    let windows = Protocol::window_count(tokens.len(), ctx, max_windows)?;
-    let scored = protocol.scored_positions(ctx);
     let vocab = model.config.vocab_size;
+    let d = model.config.hidden_size;
     let mut cache = KvCache::new(&model.config, ctx);
-    let (mut sum, mut sum_sq, mut count) = (0f64, 0f64, 0usize);
-    for w in 0..windows {
-        let window = protocol.window(tokens, w, ctx, bos);
+    let mut score = |window: &[u32], positions: &[usize]| -> Result<Vec<f64>> {
         cache.clear();
-        let hidden = model.forward(&window, &mut cache)?;
-        let d = model.config.hidden_size;
-        let positions: Vec<usize> = scored.clone().collect();
+        let hidden = model.forward(window, &mut cache)?;
+        let mut nlls = Vec::with_capacity(positions.len());
         for chunk in positions.chunks(LOGIT_ROWS) {
             let rows = &hidden[chunk[0] * d..(chunk[chunk.len() - 1] + 1) * d];
             let logits = model.logits(rows, chunk.len());
-            let nlls: Vec<f64> = chunk
-                .par_iter()
-                .enumerate()
-                .map(|(i, &pos)| {
-                    -log_prob(
-                        &logits[i * vocab..(i + 1) * vocab],
-                        window[pos + 1] as usize,
-                    )
-                })
-                .collect();
-            for nll in nlls {
-                sum += nll;
-                sum_sq += nll * nll;
-                count += 1;
-            }
+            nlls.par_extend(chunk.par_iter().enumerate().map(|(i, &pos)| {
+                -log_prob(
+                    &logits[i * vocab..(i + 1) * vocab],
+                    window[pos + 1] as usize,
+                )
+            }));
+        }
+        Ok(nlls)
+    };
+    perplexity_by_windows(
+        tokens,
+        bos,
+        ctx,
+        protocol,
+        max_windows,
+        on_window,
+        &mut score,
+    )
+}
+
+/// Scores one window: the negative log-likelihood of the token after each scored position.
+pub type WindowScorer<'a> = dyn FnMut(&[u32], &[usize]) -> Result<Vec<f64>> + 'a;
+
+/// [`perplexity`] for any way of scoring a window: `score(window, positions)` returns the
+/// negative log-likelihood of the token after each of the (consecutive) scored positions.
+pub fn perplexity_by_windows(
+    tokens: &[u32],
+    bos: Option<u32>,
+    ctx: usize,
+    protocol: Protocol,
+    max_windows: Option<usize>,
+    mut on_window: impl FnMut(usize, usize, f64),
+    score: &mut WindowScorer,
+) -> Result<PplResult> {
+    let windows = Protocol::window_count(tokens.len(), ctx, max_windows)?;
+    let positions: Vec<usize> = protocol.scored_positions(ctx).collect();
+    let (mut sum, mut sum_sq, mut count) = (0f64, 0f64, 0usize);
+    for w in 0..windows {
+        let window = protocol.window(tokens, w, ctx, bos);
+        for nll in score(&window, &positions)? {
+            sum += nll;
+            sum_sq += nll * nll;
+            count += 1;
         }
         on_window(w + 1, windows, (sum / count as f64).exp());
     }
