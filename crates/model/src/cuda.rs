@@ -474,14 +474,7 @@ mod tests {
     /// early, saying so, without a GPU.
     #[test]
     fn gpu_decode_matches_the_cpu_reference() {
-        let json = serde_json::json!({
-            "architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2",
-            "hidden_size": 256, "intermediate_size": 640, "num_hidden_layers": 3,
-            "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 64,
-            "vocab_size": 500, "rms_norm_eps": 1e-6, "rope_theta": 1e6,
-            "max_position_embeddings": 64, "tie_word_embeddings": false
-        });
-        let config = ModelConfig::from_hf(&json, std::path::Path::new("test.json")).unwrap();
+        let config = crate::synthetic::tiny_qwen2(256, 640);
         for bits in [3, 4] {
             let spec = GridSpec::new(bits, 64, false).unwrap();
             let mut model = crate::synthetic::random_model(config.clone(), spec, 7).unwrap();

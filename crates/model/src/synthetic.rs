@@ -102,27 +102,34 @@ pub fn random_model(config: ModelConfig, spec: GridSpec, seed: u64) -> Result<Mo
     ))
 }
 
+/// A small Qwen2 (q/k/v biases, grouped-query attention) for tests: `d` wide, `ff`
+/// intermediate, 3 layers, heads of 64, a vocabulary of 500.
+#[cfg(test)]
+pub(crate) fn tiny_qwen2(d: usize, ff: usize) -> ModelConfig {
+    let json = serde_json::json!({
+        "architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2",
+        "hidden_size": d, "intermediate_size": ff, "num_hidden_layers": 3,
+        "num_attention_heads": d / 64, "num_key_value_heads": 2, "head_dim": 64,
+        "vocab_size": 500, "rms_norm_eps": 1e-6, "rope_theta": 1e6,
+        "max_position_embeddings": 64, "tie_word_embeddings": false
+    });
+    ModelConfig::from_hf(&json, std::path::Path::new("test.json")).expect("a valid config")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
     fn random_models_have_the_shapes_and_run() {
-        let json = serde_json::json!({
-            "architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2",
-            "hidden_size": 128, "intermediate_size": 256, "num_hidden_layers": 2,
-            "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 32,
-            "vocab_size": 300, "rms_norm_eps": 1e-6, "rope_theta": 10000.0,
-            "max_position_embeddings": 64, "tie_word_embeddings": false
-        });
-        let config = ModelConfig::from_hf(&json, std::path::Path::new("test.json")).unwrap();
+        let config = tiny_qwen2(128, 256);
         let spec = GridSpec::new(3, 64, false).unwrap();
         let model = random_model(config, spec, 1).unwrap();
         assert!((model.block_bits_per_weight() - spec_bits(spec)).abs() < 1e-9);
         let mut cache = crate::KvCache::new(&model.config, 8);
         let hidden = model.forward(&[1, 2, 3], &mut cache).unwrap();
         let logits = model.logits(&hidden[2 * 128..], 1);
-        assert_eq!(logits.len(), 300);
+        assert_eq!(logits.len(), 500);
         assert!(logits.iter().all(|v| v.is_finite()));
         // Random, not constant: the logits spread.
         let (lo, hi) = logits
