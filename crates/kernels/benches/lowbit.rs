@@ -12,7 +12,9 @@ use recoup_kernels::lowbit::{
     factor_matvec_add, packed_matvec, packed_matvec_low_rank,
 };
 use recoup_kernels::membw::stream_read_gbps;
-use recoup_kernels::qdec::{ResidualEpilogue, ResidualRef, add_residual, select_exact};
+use recoup_kernels::qdec::{
+    ResidualEpilogue, ResidualRef, SelectedCodes, add_residual, select_exact,
+};
 use std::time::Instant;
 
 /// A deterministic pseudo-random stream (xorshift).
@@ -183,13 +185,13 @@ fn qdec(s: &mut Stream, m: &PackedMatrix, act: &QuantizedActivation, x: &[f32], 
         let mut channels = Vec::new();
         select_exact(x, k_chunk, &mut channels);
         let xs: Vec<f32> = channels.iter().map(|&i| x[i as usize]).collect();
+        let selected = SelectedCodes::new(&channels, &xs);
         let e = ResidualEpilogue {
             residual: ResidualRef {
                 codes: &codes,
                 scales: &scales,
             },
-            channels: &channels,
-            x: &xs,
+            selected: &selected,
         };
         let isa = Isa::best();
         let with = Epilogue {

@@ -4,7 +4,9 @@
 use crate::llama::Site;
 use anyhow::{Result, bail};
 use recoup_formats::residual::LayerResidual;
-use recoup_kernels::qdec::{self, BucketFloors, ResidualEpilogue, ResidualRef, total_budget};
+use recoup_kernels::qdec::{
+    self, BucketFloors, ResidualEpilogue, ResidualRef, SelectedCodes, total_budget,
+};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
@@ -140,20 +142,25 @@ pub struct Compensation {
 /// the same activation, as the paper's fused QKV and gate-up projections share theirs.
 #[derive(Default)]
 pub struct SharedSelection {
-    last: Mutex<Option<(Vec<f32>, Selected)>>,
+    last: Mutex<Option<(Vec<f32>, Arc<Selected>)>>,
 }
 
 impl SharedSelection {
     /// The selection of `x`: the cached one when `x` is the same activation (compared in
     /// full, a few hundred ns against microseconds of selecting), else `fresh()`, cached.
-    fn get(&self, x: &[f32], fresh: impl FnOnce() -> Selected) -> Selected {
+    fn get(&self, x: &[f32], fresh: impl FnOnce() -> Selected) -> Arc<Selected> {
         let mut last = self.last.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some((seen, s)) = last.as_ref()
-            && seen.as_slice() == x
-        {
+        if let Some((seen, s)) = last.as_mut() {
+            if seen.as_slice() == x {
+                return s.clone();
+            }
+            // The same buffer again for the next token: no allocation.
+            seen.clear();
+            seen.extend_from_slice(x);
+            *s = Arc::new(fresh());
             return s.clone();
         }
-        let s = fresh();
+        let s = Arc::new(fresh());
         *last = Some((x.to_vec(), s.clone()));
         s
     }
@@ -241,7 +248,7 @@ impl Compensation {
 
     /// The channels to correct for a decode step's activation `x` (original column order)
     /// and their values, shared with the layers reading the same `x`.
-    pub fn select(&self, x: &[f32]) -> Selected {
+    pub fn select(&self, x: &[f32]) -> Arc<Selected> {
         self.shared.get(x, || self.select_fresh(x))
     }
 
@@ -260,8 +267,10 @@ impl Compensation {
                 qdec::select_random(x.len(), self.k_chunk, seed, &mut channels);
             }
         }
-        let values = channels.iter().map(|&i| x[i as usize]).collect();
-        Selected { channels, values }
+        let values: Vec<f32> = channels.iter().map(|&i| x[i as usize]).collect();
+        Selected {
+            codes: SelectedCodes::new(&channels, &values),
+        }
     }
 
     pub fn epilogue<'a>(&'a self, s: &'a Selected) -> ResidualEpilogue<'a> {
@@ -270,8 +279,7 @@ impl Compensation {
                 codes: self.residual.codes.bytes(),
                 scales: &self.residual.scales,
             },
-            channels: &s.channels,
-            x: &s.values,
+            selected: &s.codes,
         }
     }
 
@@ -289,11 +297,9 @@ impl Compensation {
     }
 }
 
-/// One token's selection.
-#[derive(Clone)]
+/// One token's selection: the channels and their activations rounded for the kernels.
 pub struct Selected {
-    pub channels: Vec<u32>,
-    pub values: Vec<f32>,
+    pub codes: SelectedCodes,
 }
 
 #[cfg(test)]

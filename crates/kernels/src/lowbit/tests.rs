@@ -332,13 +332,13 @@ fn residual_in_the_epilogue_equals_a_separate_pass() {
     let mut channels = Vec::new();
     select_exact(&x, 32, &mut channels);
     let xs: Vec<f32> = channels.iter().map(|&i| x[i as usize]).collect();
+    let selected = crate::qdec::SelectedCodes::new(&channels, &xs);
     let residual = ResidualEpilogue {
         residual: ResidualRef {
             codes: &codes,
             scales: &scales,
         },
-        channels: &channels,
-        x: &xs,
+        selected: &selected,
     };
     let tiled = TiledFactor::new((&a).into(), rows, rank);
     for isa in Isa::available() {

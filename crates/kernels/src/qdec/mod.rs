@@ -225,13 +225,13 @@ impl ResidualRef<'_> {
     }
 }
 
-/// The correction added to a layer's output: selected channels and their activations.
+/// The correction added to a layer's output: the residual and one token's selected
+/// channels, their activations already rounded (once per selection, shared by every
+/// product and thread that reads the same input).
 #[derive(Clone, Copy)]
 pub struct ResidualEpilogue<'a> {
     pub residual: ResidualRef<'a>,
-    pub channels: &'a [u32],
-    /// `x_i` of each selected channel, in the same order.
-    pub x: &'a [f32],
+    pub selected: &'a SelectedCodes,
 }
 
 /// Selected channels per activation scale: 8 pairs, whose i16 sums cannot overflow
@@ -243,7 +243,8 @@ pub(crate) const GROUP: usize = 16;
 /// scale (`x_i ≈ scales[g] · codes_i`), so small selected values are not rounded on the
 /// scale of the largest. Levels are stored as `nibble = level + 8`; `offset = Σ_g scales[g]
 /// · 8 · Σ_{i∈g} codes_i` removes the 8s from every output at the end.
-pub(crate) struct SelectedCodes {
+#[derive(Clone, Debug)]
+pub struct SelectedCodes {
     pub channels: Vec<u32>,
     pub codes: Vec<i8>,
     pub scales: Vec<f32>,
@@ -251,7 +252,9 @@ pub(crate) struct SelectedCodes {
 }
 
 impl SelectedCodes {
+    /// `channels` selected from an activation, `x` their values (same order).
     pub fn new(channels: &[u32], x: &[f32]) -> Self {
+        assert_eq!(channels.len(), x.len(), "selected channels vs values");
         let mut order: Vec<usize> = (0..channels.len()).collect();
         order.sort_unstable_by(|&a, &b| x[b].abs().total_cmp(&x[a].abs()));
         let mut codes = Vec::with_capacity(order.len());
@@ -293,10 +296,9 @@ pub fn add_residual(e: ResidualEpilogue, r0: usize, y: &mut [f32], isa: Isa) {
         (r0 + y.len()).is_multiple_of(2),
         "residual slice ends mid-byte"
     );
-    assert_eq!(e.channels.len(), e.x.len(), "selected channels vs values");
     let cols = e.residual.codes.len() / (rows / 2).max(1);
     assert!(
-        e.channels.iter().all(|&i| (i as usize) < cols),
+        e.selected.channels.iter().all(|&i| (i as usize) < cols),
         "selected channel out of range"
     );
     match isa {

@@ -1,12 +1,12 @@
 //! Scalar twins of the QDEC kernels: the definition the SIMD versions are tested against.
 
-use super::{GROUP, ResidualEpilogue, SLICE, SelectedCodes};
+use super::{GROUP, ResidualEpilogue, SLICE};
 
 /// `y[j] += scale_o · (Σ_g d_g · Σ_{i∈g} q_i · nibble(i, o) − offset)` for outputs
-/// `o = r0 + j`, the selected activations rounded as [`SelectedCodes`] does: integer sums
+/// `o = r0 + j`, the selected activations rounded as [`super::SelectedCodes`] does: integer sums
 /// per group of channels, a slice of outputs at a time.
 pub fn add_residual(e: ResidualEpilogue, r0: usize, y: &mut [f32]) {
-    let q = SelectedCodes::new(e.channels, e.x);
+    let q = e.selected;
     let mut acc = [0f32; SLICE];
     let mut sums = [0i32; SLICE];
     for s0 in (0..y.len()).step_by(SLICE) {

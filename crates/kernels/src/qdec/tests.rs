@@ -142,14 +142,13 @@ struct Residual {
 }
 
 impl Residual {
-    fn epilogue<'a>(&'a self, channels: &'a [u32], x: &'a [f32]) -> ResidualEpilogue<'a> {
+    fn epilogue<'a>(&'a self, selected: &'a SelectedCodes) -> ResidualEpilogue<'a> {
         ResidualEpilogue {
             residual: ResidualRef {
                 codes: &self.codes,
                 scales: &self.scales,
             },
-            channels,
-            x,
+            selected,
         }
     }
 }
@@ -181,7 +180,8 @@ fn simd_residual_matches_scalar_and_the_dense_product() {
         let mut channels = Vec::new();
         select_exact(&x, k_chunk, &mut channels);
         let xs: Vec<f32> = channels.iter().map(|&i| x[i as usize]).collect();
-        let e = r.epilogue(&channels, &xs);
+        let selected = SelectedCodes::new(&channels, &xs);
+        let e = r.epilogue(&selected);
         let base: Vec<f32> = (0..rows).map(|_| rng.random_range(-1.0..1.0)).collect();
         let mut scalar = base.clone();
         add_residual(e, 0, &mut scalar, Isa::Scalar);
@@ -218,7 +218,8 @@ fn all_channels_and_exact_levels_give_the_full_residual_product() {
     assert_eq!(channels.len(), cols);
     let xs: Vec<f32> = channels.iter().map(|&i| x[i as usize]).collect();
     let mut y = vec![0f32; rows];
-    add_residual(r.epilogue(&channels, &xs), 0, &mut y, Isa::best());
+    let selected = SelectedCodes::new(&channels, &xs);
+    add_residual(r.epilogue(&selected), 0, &mut y, Isa::best());
     check_against_dense(&r, cols, &channels, &x, &vec![0.0; rows], &y);
 }
 

@@ -6,7 +6,7 @@
 //! channels: in i16 within a group of 8 pairs (one activation scale), then scaled into f32;
 //! the block's outputs are written once.
 
-use super::{GROUP, ResidualEpilogue, SelectedCodes};
+use super::{GROUP, ResidualEpilogue};
 use core::arch::x86_64::*;
 
 /// The pair's nibbles at byte `b` of runs `a` and `c`, interleaved by output: (even outputs
@@ -40,7 +40,7 @@ fn scale_add(v: __m256i, d: __m256, acc: &mut [__m256; 2]) {
 
 #[target_feature(enable = "avx2,fma,f16c")]
 pub unsafe fn add_residual(e: ResidualEpilogue, r0: usize, y: &mut [f32]) {
-    let q = SelectedCodes::new(e.channels, e.x);
+    let q = e.selected;
     let half = e.residual.rows() / 2;
     let first = r0 / 2;
     // Channel pairs, a group's after another (groups of 16 channels make 8 pairs; an odd
