@@ -526,14 +526,13 @@ impl Gpu {
     pub fn read_seconds(&self, src: u64, words: usize, reps: usize) -> Result<f64> {
         let sink: CudaSlice<u32> = self.zeros(1)?;
         let sink_ptr = self.ptr(&sink);
-        let n = words;
         let sms = self
             .ctx
             .attribute(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
             .unwrap_or(108) as u32;
         let run = || -> Result<()> {
             let mut l = self.main.launch_builder(&self.f.read_probe);
-            l.arg(&src).arg(&n).arg(&sink_ptr);
+            l.arg(&src).arg(&words).arg(&sink_ptr);
             // SAFETY: `src` holds `words` u32.
             unsafe { l.launch(config(4 * sms, 1024, 0)) }
                 .map_err(|e| anyhow!("read_probe: {e:?}"))?;
