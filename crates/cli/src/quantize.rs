@@ -62,6 +62,9 @@ pub struct Args {
     /// AWQ: calibration rows (over all windows) on which the scale search is evaluated.
     #[arg(long, default_value_t = 2048, value_parser = clap::value_parser!(u64).range(1..))]
     awq_rows: u64,
+    /// AWQ: the clipping search shrinks each group's range down to `1 − F` (0 turns it off).
+    #[arg(long, default_value_t = 0.5, value_parser = parse_shrink)]
+    awq_max_shrink: f32,
     /// Low-rank methods: rank of the branch Σ = A·B [default: 32].
     #[arg(long)]
     rank: Option<usize>,
@@ -138,6 +141,14 @@ enum FeedArg {
     F32,
 }
 
+/// A shrink fraction in `[0, 1)`: a clipping ratio must stay above zero.
+fn parse_shrink(s: &str) -> Result<f32, String> {
+    match s.parse::<f32>() {
+        Ok(v) if (0.0..1.0).contains(&v) => Ok(v),
+        _ => Err(format!("{s} is not a fraction in [0, 1)")),
+    }
+}
+
 fn grid(args: &Args) -> Result<GridChoice> {
     let group = match args.group.as_str() {
         "row" => None,
@@ -194,6 +205,7 @@ fn method(args: &Args, grid: GridChoice) -> Result<Box<dyn Method>> {
     let awq = Awq {
         grid,
         sample_rows: args.awq_rows as usize,
+        max_shrink: args.awq_max_shrink,
         ..Default::default()
     };
     if let Some(branch) = branch {

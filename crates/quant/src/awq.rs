@@ -30,6 +30,8 @@ pub struct Awq {
     pub max_shrink: f32,
     /// Calibration rows (over all windows) the scale search evaluates.
     pub sample_rows: usize,
+    /// Also search AutoAWQ's scales that divide by the weights' relative magnitude.
+    pub duo_scaling: bool,
 }
 
 impl Default for Awq {
@@ -44,6 +46,7 @@ impl Default for Awq {
             clip_grid: 20,
             max_shrink: 0.5,
             sample_rows: 2048,
+            duo_scaling: true,
         }
     }
 }
@@ -132,6 +135,33 @@ fn foldable(block: &BlockWeights, prev: Prev, n: usize) -> bool {
     }
 }
 
+/// Per input channel, the mean over the rows of `layers` of `|w|` divided by the largest
+/// `|w|` of its quantization group.
+fn relative_weight_mean(
+    block: &BlockWeights,
+    layers: &[LinearName],
+    grid: &GridChoice,
+) -> Vec<f64> {
+    let cols = block.linear(layers[0]).cols;
+    let group = grid.group.unwrap_or(cols);
+    let mut sum = vec![0f64; cols];
+    let mut rows = 0usize;
+    for &name in layers {
+        let l = block.linear(name);
+        for row in l.w.chunks_exact(cols) {
+            for (g, sums) in row.chunks(group).zip(sum.chunks_mut(group)) {
+                let max = g.iter().fold(0f32, |m, v| m.max(v.abs())) as f64 + 1e-6;
+                sums.iter_mut()
+                    .zip(g)
+                    .for_each(|(a, &v)| *a += v.abs() as f64 / max);
+            }
+        }
+        rows += l.rows;
+    }
+    sum.iter_mut().for_each(|v| *v /= rows as f64);
+    sum
+}
+
 /// `Σ ‖X (Ŵ − W)ᵀ‖²` over `layers` when their input channels are scaled by `s` before RTN.
 fn scaled_rtn_loss(
     block: &BlockWeights,
@@ -164,7 +194,11 @@ fn scaled_rtn_loss(
 }
 
 impl Awq {
-    /// The best `s = mean|x|^α` (normalized so that `max·min = 1`) for one scale group.
+    /// The candidate with the lowest output error among `s = mean|x|^α` (the paper's) and,
+    /// with `duo_scaling`, `s = mean|x|^α / mean_w^(1−α)` (AutoAWQ's default), where `mean_w`
+    /// is each input channel's mean weight magnitude relative to its group's maximum; each
+    /// normalized so that `max·min = 1`. `α = 0` of the first family is plain RTN, so the
+    /// search never does worse than RTN on its sample.
     fn search_scale(
         &self,
         block: &BlockWeights,
@@ -173,22 +207,32 @@ impl Awq {
     ) -> Result<Vec<f32>> {
         let st = stats.site(g.site);
         let tokens = st.rows.len() / st.n;
+        let w_mean = self
+            .duo_scaling
+            .then(|| relative_weight_mean(block, g.layers, &self.grid));
         let mut best: Option<(f64, Vec<f32>)> = None;
         for i in 0..self.scale_grid {
             let alpha = i as f64 / self.scale_grid as f64;
-            let mut s: Vec<f32> = st
-                .abs_mean
-                .iter()
-                .map(|&m| (m.powf(alpha) as f32).max(1e-4))
-                .collect();
-            let (lo, hi) = s
-                .iter()
-                .fold((f32::MAX, 0f32), |(lo, hi), &v| (lo.min(v), hi.max(v)));
-            let norm = (lo * hi).sqrt();
-            s.iter_mut().for_each(|v| *v /= norm);
-            let loss = scaled_rtn_loss(block, g.layers, &st.rows, tokens, &s, &self.grid)?;
-            if best.as_ref().is_none_or(|(b, _)| loss < *b) {
-                best = Some((loss, s));
+            let families = [None, w_mean.as_deref()];
+            for w_mean in families.iter().take(1 + usize::from(self.duo_scaling)) {
+                let mut s: Vec<f32> = st
+                    .abs_mean
+                    .iter()
+                    .enumerate()
+                    .map(|(j, &m)| {
+                        let w = w_mean.map_or(1.0, |w| w[j].powf(1.0 - alpha) + 1e-4);
+                        ((m.powf(alpha) / w) as f32).max(1e-4)
+                    })
+                    .collect();
+                let (lo, hi) = s
+                    .iter()
+                    .fold((f32::MAX, 0f32), |(lo, hi), &v| (lo.min(v), hi.max(v)));
+                let norm = (lo * hi).sqrt();
+                s.iter_mut().for_each(|v| *v /= norm);
+                let loss = scaled_rtn_loss(block, g.layers, &st.rows, tokens, &s, &self.grid)?;
+                if best.as_ref().is_none_or(|(b, _)| loss < *b) {
+                    best = Some((loss, s));
+                }
             }
         }
         Ok(best.expect("scale grid is not empty").1)
@@ -240,6 +284,7 @@ impl Method for Awq {
         s["clip_grid"] = self.clip_grid.into();
         s["max_shrink"] = self.max_shrink.into();
         s["sample_rows"] = self.sample_rows.into();
+        s["duo_scaling"] = self.duo_scaling.into();
         s
     }
 
@@ -358,6 +403,57 @@ mod tests {
     use super::*;
     use crate::method::DenseLinear;
     use rand::{RngExt, SeedableRng};
+
+    /// A block whose q/k/v see inputs with a few channels 20× larger than the rest.
+    fn outlier_block(seed: u64) -> (BlockWeights, BlockStats) {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+        let (d, t) = (256, 512);
+        let mut lin = |rows: usize| DenseLinear {
+            w: (0..rows * d)
+                .map(|_| rng.random_range(-1.0f32..1.0))
+                .collect(),
+            rows,
+            cols: d,
+            bias: None,
+        };
+        let linears = vec![lin(d), lin(64), lin(64), lin(d), lin(d), lin(d), lin(d)];
+        let block = BlockWeights {
+            attn_norm: vec![1.0; d],
+            ffn_norm: vec![1.0; d],
+            linears,
+            modified: false,
+        };
+        let x: Vec<f32> = (0..t * d)
+            .map(|i| rng.random_range(-1.0f32..1.0) * if i % d % 37 == 0 { 20.0 } else { 1.0 })
+            .collect();
+        let mut stats = BlockStats::new([d; 4], t);
+        stats.add(Site::Qkv, &x, t);
+        stats.finish();
+        (block, stats)
+    }
+
+    #[test]
+    fn the_scale_search_beats_rtn_on_salient_channels() {
+        let (block, stats) = outlier_block(23);
+        let g = &GROUPS[0];
+        let st = stats.site(g.site);
+        let tokens = st.rows.len() / st.n;
+        for duo_scaling in [false, true] {
+            let awq = Awq {
+                duo_scaling,
+                ..Awq::default()
+            };
+            let loss = |s: &[f32]| {
+                scaled_rtn_loss(&block, g.layers, &st.rows, tokens, s, &awq.grid).unwrap()
+            };
+            let rtn = loss(&vec![1.0; st.n]);
+            let searched = loss(&awq.search_scale(&block, g, &stats).unwrap());
+            assert!(
+                searched < 0.8 * rtn,
+                "duo {duo_scaling}: searched {searched} vs RTN {rtn}"
+            );
+        }
+    }
 
     #[test]
     fn folding_preserves_the_layers_outputs_up_to_the_producer() {

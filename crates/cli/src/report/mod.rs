@@ -3,7 +3,11 @@
 //!
 //! Every finished step is kept under `OUT/results/CELL/STEP.json` with the exact command
 //! that produced it; a later run reuses a step whose command is unchanged and redoes it
-//! otherwise. Checkpoints live in `OUT/models/` (gitignore them when OUT is in a repo).
+//! otherwise. Checkpoints live in `OUT/models/` (gitignore them when OUT is in a repo) and
+//! are made only when a step that reads them has to run, so a clone holding the results but
+//! not the checkpoints regenerates the report without quantizing anything again. (A result
+//! is matched by its own command only: delete `OUT/results/CELL` to redo a cell whose
+//! quantizer changed.)
 
 mod config;
 mod plot;
@@ -33,15 +37,21 @@ struct Runner {
 }
 
 impl Runner {
-    /// `recoup ARGS --json`, or its recorded result when it ran with the same arguments.
-    fn json_step(&self, cell: &str, step: &str, args: &[String]) -> Result<Value> {
-        let path = self
-            .out
-            .join("results")
-            .join(cell)
-            .join(format!("{step}.json"));
+    /// `recoup ARGS --json`, or its recorded result when it ran with the same arguments;
+    /// the files it `reads` are made first when the step has to run.
+    fn json_step(
+        &self,
+        cell: &str,
+        step: &str,
+        args: &[String],
+        reads: &[&Product],
+    ) -> Result<Value> {
+        let path = self.result_path(cell, step);
         if let Some(v) = self.recorded(&path, args) {
             return Ok(v);
+        }
+        for p in reads {
+            self.make(p)?;
         }
         eprintln!("recoup report: [{cell}] {step}: recoup {}", args.join(" "));
         let output = Command::new(&self.exe)
@@ -64,16 +74,22 @@ impl Runner {
         Ok(result)
     }
 
-    /// `recoup ARGS` writing `product` (a checkpoint or sidecar), unless it was made by the
-    /// same arguments.
-    fn product_step(&self, cell: &str, step: &str, product: &Path, args: &[String]) -> Result<()> {
-        let path = self
-            .out
-            .join("results")
-            .join(cell)
-            .join(format!("{step}.json"));
-        if product.exists() && self.recorded(&path, args).is_some() {
+    /// Runs `product`'s command (after making what it reads), unless the file exists and
+    /// was made by the same arguments.
+    fn make(&self, product: &Product) -> Result<()> {
+        let Product {
+            cell,
+            step,
+            path: file,
+            args,
+            reads,
+        } = product;
+        let path = self.result_path(cell, step);
+        if file.exists() && self.recorded(&path, args).is_some() {
             return Ok(());
+        }
+        if let Some(p) = reads {
+            self.make(p)?;
         }
         eprintln!("recoup report: [{cell}] {step}: recoup {}", args.join(" "));
         let status = Command::new(&self.exe)
@@ -90,8 +106,15 @@ impl Runner {
         self.record(
             &path,
             args,
-            &json!({ "product": product.display().to_string() }),
+            &json!({ "product": file.display().to_string() }),
         )
+    }
+
+    fn result_path(&self, cell: &str, step: &str) -> PathBuf {
+        self.out
+            .join("results")
+            .join(cell)
+            .join(format!("{step}.json"))
     }
 
     fn recorded(&self, path: &Path, args: &[String]) -> Option<Value> {
@@ -103,6 +126,15 @@ impl Runner {
         let body = serde_json::to_vec_pretty(&json!({ "args": args, "result": result }))?;
         recoup_formats::atomic::write_file(path, |out| Ok(std::io::Write::write_all(out, &body)?))
     }
+}
+
+/// A file one step writes (a checkpoint or a residual sidecar) and later steps read.
+struct Product<'a> {
+    cell: String,
+    step: &'static str,
+    path: PathBuf,
+    args: Vec<String>,
+    reads: Option<&'a Product<'a>>,
 }
 
 fn strings(items: &[&str]) -> Vec<String> {
@@ -158,8 +190,10 @@ fn measure(
     series: &str,
     bits: Option<u32>,
     model: &str,
+    product: Option<&Product>,
 ) -> Result<Row> {
-    let ppl = runner.json_step(name, "ppl", &ppl_args(config, model, &[]))?;
+    let reads: Vec<&Product> = product.into_iter().collect();
+    let ppl = runner.json_step(name, "ppl", &ppl_args(config, model, &[]), &reads)?;
     let kld = match &config.kld {
         Some(k) if name != REFERENCE => {
             // Hundreds of MB: beside the checkpoints, not among the small result files.
@@ -180,7 +214,7 @@ fn measure(
             if let Some(w) = k.max_windows {
                 args.extend(strings(&["--max-windows", &w.to_string()]));
             }
-            Some(runner.json_step(name, "kld", &args)?)
+            Some(runner.json_step(name, "kld", &args, &reads)?)
         }
         _ => None,
     };
@@ -190,7 +224,7 @@ fn measure(
             if let Some(l) = e.limit {
                 args.extend(strings(&["--limit", &l.to_string()]));
             }
-            Some(runner.json_step(name, "eval", &args)?)
+            Some(runner.json_step(name, "eval", &args, &reads)?)
         }
         None => None,
     };
@@ -209,6 +243,7 @@ fn measure(
                 "--reps",
                 &b.reps.to_string(),
             ]),
+            &reads,
         )?),
         None => None,
     };
@@ -283,47 +318,59 @@ pub fn main(args: Args) -> Result<()> {
         REFERENCE,
         None,
         &config.model,
+        None,
     )?];
-    let model_dir = |name: &str| args.out.join("models").join(name);
+    let checkpoint = |cell: &Cell| {
+        let dir = args.out.join("models").join(&cell.name);
+        Product {
+            cell: cell.name.clone(),
+            step: "quantize",
+            args: quantize_args(&config, cell, &dir),
+            path: dir,
+            reads: None,
+        }
+    };
     for cell in &config.cells {
-        let dir = model_dir(&cell.name);
-        runner.product_step(
-            &cell.name,
-            "quantize",
-            &dir,
-            &quantize_args(&config, cell, &dir),
-        )?;
+        let product = checkpoint(cell);
         rows.push(measure(
             &runner,
             &config,
             &cell.name,
             cell.series(),
             Some(cell.bits),
-            &dir.display().to_string(),
+            &product.path.display().to_string(),
+            Some(&product),
         )?);
     }
     // Per swept cell: (k, ppl, residual MB per token), k = 0 being the cell itself.
     let mut sweeps = Vec::new();
     for sweep in &config.qdec {
-        let dir = model_dir(&sweep.cell);
-        let sidecar = args.out.join("models").join(format!("{}.qdec", sweep.cell));
-        runner.product_step(
-            &sweep.cell,
-            "residual",
-            &sidecar,
-            &strings(&[
+        let cell = config
+            .cells
+            .iter()
+            .find(|c| c.name == sweep.cell)
+            .expect("validated");
+        let base_checkpoint = checkpoint(cell);
+        let dir = base_checkpoint.path.display().to_string();
+        let path = args.out.join("models").join(format!("{}.qdec", sweep.cell));
+        let sidecar = Product {
+            cell: sweep.cell.clone(),
+            step: "residual",
+            args: strings(&[
                 "residual",
                 "--model",
                 &config.model,
                 "--quantized",
-                &dir.display().to_string(),
+                &dir,
                 "--out",
-                &sidecar.display().to_string(),
+                &path.display().to_string(),
             ])
             .into_iter()
             .chain(config.calibration.args())
-            .collect::<Vec<_>>(),
-        )?;
+            .collect(),
+            path,
+            reads: Some(&base_checkpoint),
+        };
         let base = rows
             .iter()
             .find(|r| r.name == sweep.cell)
@@ -336,12 +383,17 @@ pub fn main(args: Args) -> Result<()> {
         for &k in &sweep.k {
             let qdec = strings(&[
                 "--qdec",
-                &sidecar.display().to_string(),
+                &sidecar.path.display().to_string(),
                 "--qdec-k",
                 &k.to_string(),
             ]);
-            let a = ppl_args(&config, &dir.display().to_string(), &qdec);
-            let v = runner.json_step(&sweep.cell, &format!("qdec-k{k}"), &a)?;
+            let a = ppl_args(&config, &dir, &qdec);
+            let v = runner.json_step(
+                &sweep.cell,
+                &format!("qdec-k{k}"),
+                &a,
+                &[&base_checkpoint, &sidecar],
+            )?;
             let bytes = v["residual_bytes_per_token"].as_f64().unwrap_or(f64::NAN);
             points.push(SweepPoint {
                 k,
