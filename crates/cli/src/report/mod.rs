@@ -82,6 +82,7 @@ impl Runner {
             step,
             path: file,
             args,
+            resume,
             reads,
         } = product;
         let path = self.result_path(cell, step);
@@ -94,6 +95,7 @@ impl Runner {
         eprintln!("recoup report: [{cell}] {step}: recoup {}", args.join(" "));
         let status = Command::new(&self.exe)
             .args(args)
+            .args(resume.then_some("--resume"))
             .stdin(Stdio::null())
             .status()
             .with_context(|| format!("cannot run {}", self.exe.display()))?;
@@ -134,6 +136,9 @@ struct Product<'a> {
     step: &'static str,
     path: PathBuf,
     args: Vec<String>,
+    /// Run with `--resume` (not part of the recorded command): an interrupted report picks
+    /// a quantization up at its last finished block.
+    resume: bool,
     reads: Option<&'a Product<'a>>,
 }
 
@@ -327,6 +332,7 @@ pub fn main(args: Args) -> Result<()> {
             step: "quantize",
             args: quantize_args(&config, cell, &dir),
             path: dir,
+            resume: true,
             reads: None,
         }
     };
@@ -369,6 +375,7 @@ pub fn main(args: Args) -> Result<()> {
             .chain(config.calibration.args())
             .collect(),
             path,
+            resume: false,
             reads: Some(&base_checkpoint),
         };
         let base = rows
