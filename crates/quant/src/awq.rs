@@ -2,10 +2,12 @@
 //! scaled up, `W·diag(s)`, and the inverse scale is folded into whatever produces that
 //! input (the RMSNorm before q/k/v and gate/up, the up projection before down, and v before
 //! o when their shapes match), so the f32 model computes exactly what it did before. The
-//! scales are `s = mean|x|^α`, α searched on a grid against the output error of the layers
-//! sharing the input on a fixed subsample of calibration rows; then each group's range is
-//! clipped where that lowers its output error (the group's block of `H`), except for q and k
-//! whose errors attention amplifies.
+//! scales are `s = mean|x|^α` (and AutoAWQ's `mean|x|^α / w̄^(1−α)`), α searched on a grid
+//! against the output error of the layers sharing the input on a fixed subsample of
+//! calibration rows; then each group's range is clipped where that lowers its output error
+//! (the group's block of `H`), except for q and k whose errors attention amplifies. The
+//! clipping lowers that error on every layer of Qwen2.5 yet raises the model's perplexity
+//! (BENCHMARKS.md), hence `max_shrink = 0` to turn it off.
 //!
 //! Differences from AutoAWQ, on purpose: the scale search measures the error of the linear
 //! outputs themselves (AutoAWQ measures q/k/v through the attention and gate/up through the
@@ -210,11 +212,13 @@ impl Awq {
         let w_mean = self
             .duo_scaling
             .then(|| relative_weight_mean(block, g.layers, &self.grid));
+        let families: Vec<Option<&[f64]>> = std::iter::once(None)
+            .chain(w_mean.as_deref().map(Some))
+            .collect();
         let mut best: Option<(f64, Vec<f32>)> = None;
         for i in 0..self.scale_grid {
             let alpha = i as f64 / self.scale_grid as f64;
-            let families = [None, w_mean.as_deref()];
-            for w_mean in families.iter().take(1 + usize::from(self.duo_scaling)) {
+            for w_mean in &families {
                 let mut s: Vec<f32> = st
                     .abs_mean
                     .iter()
