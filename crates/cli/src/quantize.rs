@@ -97,6 +97,10 @@ pub struct Args {
         |b: String| b.parse::<u32>().expect("a listed value"),
     ))]
     head_bits: Option<u32>,
+    /// Print one JSON object on stdout instead of the closing line (wall time and peak RSS
+    /// included).
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(Clone, Copy, clap::ValueEnum)]
@@ -398,6 +402,22 @@ pub fn main(args: Args) -> Result<()> {
         Event::Writing => pb.set_message("writing checkpoint"),
     })?;
     pb.finish_and_clear();
+    let (seconds, peak_rss) = (start.elapsed().as_secs_f64(), peak_rss_bytes().unwrap_or(0));
+    if args.json {
+        let v = serde_json::json!({
+            "out": args.out.display().to_string(),
+            "method": method.name(),
+            "quantized_layers": summary.quantized_layers,
+            "bits_per_weight": summary.bits_per_weight,
+            "mean_layer_output_error": summary.mean_rel_error,
+            "seconds": seconds,
+            "peak_rss_bytes": peak_rss,
+            // A resumed run's time and memory cover only the blocks it quantized itself.
+            "resumed_after_blocks": first_block.get(),
+        });
+        println!("{}", serde_json::to_string_pretty(&v)?);
+        return Ok(());
+    }
     println!(
         "quantized {} layers with {}: {:.3} bits per weight{}; wrote {} in {:.1}s, peak RSS {:.2} GiB",
         summary.quantized_layers,
@@ -408,8 +428,8 @@ pub fn main(args: Args) -> Result<()> {
             .map(|e| format!(", mean layer-output error {e:.5}"))
             .unwrap_or_default(),
         args.out.display(),
-        start.elapsed().as_secs_f64(),
-        peak_rss_bytes().unwrap_or(0) as f64 / (1u64 << 30) as f64
+        seconds,
+        peak_rss as f64 / (1u64 << 30) as f64
     );
     Ok(())
 }

@@ -46,6 +46,15 @@ fn a_rerun_without_checkpoints_reuses_results_and_remakes_only_what_a_new_step_r
         assert!(path.is_file(), "{} missing", path.display());
     }
 
+    // The quantization's own report (wall time, peak RSS) is kept and shown.
+    let q: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.join("results/rtn-w4/quantize.json")).unwrap())
+            .unwrap();
+    let run = &q["result"]["run"];
+    assert!(run["seconds"].as_f64().unwrap() > 0.0, "{q}");
+    assert!(run["peak_rss_bytes"].as_u64().unwrap() > 0, "{q}");
+    assert!(first.contains("peak RSS GiB"), "{first}");
+
     // A clone holds the results but not the checkpoints: nothing is quantized again.
     std::fs::remove_dir_all(&models).unwrap();
     let again = report("8");

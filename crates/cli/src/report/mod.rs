@@ -82,7 +82,7 @@ impl Runner {
             step,
             path: file,
             args,
-            resume,
+            unrecorded,
             reads,
         } = product;
         let path = self.result_path(cell, step);
@@ -93,23 +93,27 @@ impl Runner {
             self.make(p)?;
         }
         eprintln!("recoup report: [{cell}] {step}: recoup {}", args.join(" "));
-        let status = Command::new(&self.exe)
+        let output = Command::new(&self.exe)
             .args(args)
-            .args(resume.then_some("--resume"))
+            .args(*unrecorded)
             .stdin(Stdio::null())
-            .status()
+            .stderr(Stdio::inherit())
+            .output()
             .with_context(|| format!("cannot run {}", self.exe.display()))?;
-        if !status.success() {
+        if !output.status.success() {
             bail!(
-                "[{cell}] {step} failed ({status}): recoup {}",
+                "[{cell}] {step} failed ({}): recoup {}",
+                output.status,
                 args.join(" ")
             );
         }
-        self.record(
-            &path,
-            args,
-            &json!({ "product": file.display().to_string() }),
-        )
+        // A command that reports in JSON (quantize: wall time, peak RSS) is recorded with it.
+        let mut result = json!({ "product": file.display().to_string() });
+        match serde_json::from_slice::<Value>(&output.stdout) {
+            Ok(run) => result["run"] = run,
+            Err(_) => eprint!("{}", String::from_utf8_lossy(&output.stdout)),
+        }
+        self.record(&path, args, &result)
     }
 
     fn result_path(&self, cell: &str, step: &str) -> PathBuf {
@@ -136,9 +140,9 @@ struct Product<'a> {
     step: &'static str,
     path: PathBuf,
     args: Vec<String>,
-    /// Run with `--resume` (not part of the recorded command): an interrupted report picks
-    /// a quantization up at its last finished block.
-    resume: bool,
+    /// Flags it runs with that are not part of the recorded command (quantize's `--resume`,
+    /// so an interrupted report picks a quantization up at its last finished block).
+    unrecorded: &'static [&'static str],
     reads: Option<&'a Product<'a>>,
 }
 
@@ -155,6 +159,9 @@ struct Row {
     kld: Option<Value>,
     eval: Option<Value>,
     bench: Option<Value>,
+    /// What `quantize --json` reported when the cell's checkpoint was made (wall time,
+    /// peak RSS), if this report made it.
+    quantize: Option<Value>,
 }
 
 impl Row {
@@ -260,6 +267,9 @@ fn measure(
         kld,
         eval,
         bench,
+        quantize: product
+            .and_then(|p| runner.recorded(&runner.result_path(&p.cell, p.step), &p.args))
+            .and_then(|v| v.get("run").cloned()),
     })
 }
 
@@ -332,7 +342,7 @@ pub fn main(args: Args) -> Result<()> {
             step: "quantize",
             args: quantize_args(&config, cell, &dir),
             path: dir,
-            resume: true,
+            unrecorded: &["--resume", "--json"],
             reads: None,
         }
     };
@@ -375,7 +385,7 @@ pub fn main(args: Args) -> Result<()> {
             .chain(config.calibration.args())
             .collect(),
             path,
-            resume: false,
+            unrecorded: &[],
             reads: Some(&base_checkpoint),
         };
         let base = rows
@@ -633,6 +643,7 @@ fn markdown(
     if config.bench.is_some() {
         header.extend(["decode tok/s", "prefill tok/s"]);
     }
+    header.extend(["quantize s", "peak RSS GiB"]);
     let _ = writeln!(md, "| {} |", header.join(" | "));
     let _ = writeln!(md, "|{}", "---|".repeat(header.len()));
     let front = pareto(rows);
@@ -669,11 +680,29 @@ fn markdown(
             cols.push(fmt(b["tg_tokens_per_s"].as_f64(), 1));
             cols.push(fmt(b["pp_tokens_per_s"].as_f64(), 1));
         }
+        // A resumed quantization's time covers only its own blocks: marked with †.
+        let q = r.quantize.as_ref();
+        let resumed = q
+            .and_then(|q| q["resumed_after_blocks"].as_u64())
+            .unwrap_or(0)
+            > 0;
+        let dagger = if resumed { " †" } else { "" };
+        cols.push(
+            q.and_then(|q| q["seconds"].as_f64())
+                .map_or("–".into(), |s| format!("{s:.0}{dagger}")),
+        );
+        cols.push(fmt(
+            q.and_then(|q| q["peak_rss_bytes"].as_f64())
+                .map(|b| b / (1u64 << 30) as f64),
+            2,
+        ));
         let _ = writeln!(md, "| {} |", cols.join(" | "));
     }
     let _ = writeln!(
         md,
-        "\n★ on the perplexity-vs-bits Pareto front (no cell has fewer bits and a lower perplexity).\n"
+        "\n★ on the perplexity-vs-bits Pareto front (no cell has fewer bits and a lower perplexity). \
+         Quantize time and peak RSS: of the `quantize` run that made the checkpoint (– where it \
+         was made before reports recorded them; † resumed, so covering only part of the blocks).\n"
     );
     if !sweeps.is_empty() {
         let _ = writeln!(md, "## QDEC: perplexity vs k_chunk\n");
