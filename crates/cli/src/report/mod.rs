@@ -740,6 +740,7 @@ mod tests {
             kld: None,
             eval: None,
             bench: None,
+            quantize: None,
         }
     }
 
