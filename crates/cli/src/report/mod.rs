@@ -140,8 +140,9 @@ struct Product<'a> {
     step: &'static str,
     path: PathBuf,
     args: Vec<String>,
-    /// Flags it runs with that are not part of the recorded command (quantize's `--resume`,
-    /// so an interrupted report picks a quantization up at its last finished block).
+    /// Flags it runs with that are not part of the recorded command: quantize's `--resume`,
+    /// so an interrupted report picks a quantization up at its last finished block, and
+    /// `--json`, whose summary is recorded beside the product.
     unrecorded: &'static [&'static str],
     reads: Option<&'a Product<'a>>,
 }
