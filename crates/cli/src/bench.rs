@@ -85,7 +85,7 @@ pub fn main(args: Args) -> Result<()> {
             "tg_tokens_per_s_without_qdec": paired.map(|p| p.off_tokens_per_s),
             "qdec_slowdown": paired.map(|p| p.slowdown),
             "qdec_slowdown_quartiles": paired.map(|p| [p.slowdown_quartiles.0, p.slowdown_quartiles.1]),
-            "qdec_block_pairs": paired.map(|p| p.pairs),
+            "qdec_token_pairs": paired.map(|p| p.pairs),
         });
         println!("{v}");
         return Ok(());
@@ -113,7 +113,7 @@ pub fn main(args: Args) -> Result<()> {
     if let Some(p) = paired {
         println!(
             "QDEC: {:.2} MB of residual per token (+{:.2} % bytes); without it {:.2} tokens/s; \
-             decode time {:+.1} % (median of {} paired blocks of 8 tokens, quartiles {:+.1} / {:+.1} %)",
+             decode time {:+.1} % (median of {} adjacent token pairs, quartiles {:+.1} / {:+.1} %)",
             residual_bytes as f64 / 1e6,
             100.0 * residual_bytes as f64 / weight_bytes as f64,
             p.off_tokens_per_s,
@@ -276,8 +276,8 @@ mod cuda {
         if let Some(p) = paired {
             println!(
                 "QDEC: {:.2} MB of residual per token read over the host link ({:.0} MB pinned, 0 B of GPU memory \
-                 for residuals); without it {:.1} tokens/s; decode time {:+.1} % (median of {} paired blocks, \
-                 quartiles {:+.1} / {:+.1} %)",
+                 for residuals); without it {:.1} tokens/s; decode time {:+.1} % (median of {} adjacent token \
+                 pairs, quartiles {:+.1} / {:+.1} %)",
                 residual_bytes as f64 / 1e6,
                 gpu_model.residual_host_bytes() as f64 / 1e6,
                 p.off_tokens_per_s,

@@ -86,8 +86,8 @@ fn residual_correction_lowers_perplexity_with_every_selector_and_tier() {
         "{v}"
     );
     assert!(v["qdec_slowdown"].is_number(), "{v}");
-    // 16 tokens are one pair of 8-token blocks, one with the correction and one without.
-    assert_eq!(v["qdec_block_pairs"], 1, "{v}");
+    // 16 tokens are 8 pairs of adjacent tokens, one with the correction and one without.
+    assert_eq!(v["qdec_token_pairs"], 8, "{v}");
     assert!(v["qdec_slowdown_quartiles"][1].is_number(), "{v}");
 }
 

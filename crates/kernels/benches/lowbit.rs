@@ -171,12 +171,24 @@ fn qdec(s: &mut Stream, m: &PackedMatrix, act: &QuantizedActivation, x: &[f32], 
         "k_chunk", "MB read", "added µs", "added"
     );
     for n in [896, 4864] {
-        let xs: Vec<f32> = (0..n).map(|_| s.unit()).collect();
+        // A new activation each call (as in decode), heavy-tailed like a model's: selection
+        // on one repeated vector would train the branch predictors on its exact pattern.
+        let xs: Vec<Vec<f32>> = (0..64)
+            .map(|_| {
+                (0..n)
+                    .map(|_| {
+                        let v = s.unit();
+                        if s.next().is_multiple_of(50) { 30.0 * v } else { v }
+                    })
+                    .collect()
+            })
+            .collect();
         for k_chunk in [2, 8, 64] {
-            let mut out = Vec::new();
+            let (mut out, mut i) = (Vec::new(), 0);
             let t = time(|| {
                 out.clear();
-                select_exact(&xs, k_chunk, &mut out);
+                i = (i + 1) % xs.len();
+                select_exact(&xs[i], k_chunk, &mut out);
             });
             println!("select_exact n {n} k_chunk {k_chunk}: {:.2} µs", t * 1e6);
         }

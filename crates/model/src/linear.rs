@@ -183,15 +183,21 @@ impl PackedOp {
         let (m, isa) = (&self.packed.matrix, self.isa);
         act.requantize(x_stored);
         let qdec = self.qdec.as_ref().filter(|_| correct);
+        let Some(lr) = self.low_rank() else {
+            return match qdec {
+                Some(q) => lowbit::packed_matvec_selecting(
+                    m,
+                    act,
+                    y,
+                    q.residual_ref(),
+                    &|| q.select(x),
+                    isa,
+                ),
+                None => lowbit::packed_matvec(m, act, y, Epilogue::default(), isa),
+            };
+        };
         let selected = qdec.map(|q| q.select(x));
         let residual = qdec.zip(selected.as_ref()).map(|(q, s)| q.epilogue(s));
-        let Some(lr) = self.low_rank() else {
-            let epilogue = Epilogue {
-                low_rank: None,
-                residual,
-            };
-            return lowbit::packed_matvec(m, act, y, epilogue, isa);
-        };
         let mut v = vec![0f32; lr.rank];
         let a = self.a_tiled.as_ref().expect("tiled with the branch");
         let b = (&lr.b).into();

@@ -419,15 +419,27 @@ impl Model {
         let path = file.path().display().to_string();
         let mut attached = 0;
         for (layer, block) in self.blocks.iter_mut().enumerate() {
+            let residuals = BLOCK_LINEARS
+                .iter()
+                .map(|(module, _)| file.layer(&block_tensor_name(layer, module), tier))
+                .collect::<Result<Vec<_>>>()?;
+            let mut readers: HashMap<Site, usize> = HashMap::new();
+            for ((_, site), r) in BLOCK_LINEARS.iter().zip(&residuals) {
+                *readers.entry(*site).or_default() += usize::from(r.is_some());
+            }
             let mut shared: HashMap<Site, Arc<SharedSelection>> = HashMap::new();
-            for ((module, site), linear) in BLOCK_LINEARS.iter().zip(block.linears_mut()) {
-                let prefix = block_tensor_name(layer, module);
-                let Some(residual) = file.layer(&prefix, tier)? else {
+            let linears = BLOCK_LINEARS.iter().zip(block.linears_mut());
+            for (((module, site), linear), residual) in linears.zip(residuals) {
+                let Some(residual) = residual else {
                     continue;
                 };
+                let prefix = block_tensor_name(layer, module);
                 let k = options.k_chunk.for_site(*site);
                 let on = self.qdec_enabled.clone();
-                let shared = shared.entry(*site).or_default().clone();
+                let shared = shared
+                    .entry(*site)
+                    .or_insert_with(|| Arc::new(SharedSelection::new(readers[site])))
+                    .clone();
                 Compensation::new(residual, k, options.select, options.in_prefill, on, shared)
                     .and_then(|c| linear.op.attach_residual(c))
                     .with_context(|| format!("{path}: {prefix}"))?;

@@ -140,30 +140,47 @@ pub struct Compensation {
 
 /// The last decode step's selection at one input site, reused by the other layers reading
 /// the same activation, as the paper's fused QKV and gate-up projections share theirs.
-#[derive(Default)]
 pub struct SharedSelection {
-    last: Mutex<Option<(Vec<f32>, Arc<Selected>)>>,
+    /// Layers reading the site's activation: with one, nothing is shared or compared.
+    readers: usize,
+    /// The activation last selected from (kept only when shared), and its selection.
+    last: Mutex<(Vec<f32>, Arc<Selected>)>,
 }
 
 impl SharedSelection {
+    pub fn new(readers: usize) -> Self {
+        Self {
+            readers,
+            last: Mutex::default(),
+        }
+    }
+
     /// The selection of `x`: the cached one when `x` is the same activation (compared in
-    /// full, a few hundred ns against microseconds of selecting), else `fresh()`, cached.
-    fn get(&self, x: &[f32], fresh: impl FnOnce() -> Selected) -> Arc<Selected> {
+    /// full, a `memcmp` against microseconds of selecting), else `fill`ed anew, in the
+    /// previous step's buffers when nobody holds them any more (as in decode).
+    fn get(&self, x: &[f32], fill: impl FnOnce(&mut Selected)) -> Arc<Selected> {
         let mut last = self.last.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some((seen, s)) = last.as_mut() {
-            if seen.as_slice() == x {
-                return s.clone();
+        let (seen, selected) = &mut *last;
+        if self.readers > 1 {
+            if same_bits(seen, x) {
+                return selected.clone();
             }
-            // The same buffer again for the next token: no allocation.
             seen.clear();
             seen.extend_from_slice(x);
-            *s = Arc::new(fresh());
-            return s.clone();
         }
-        let s = Arc::new(fresh());
-        *last = Some((x.to_vec(), s.clone()));
-        s
+        fill(Arc::make_mut(selected));
+        selected.clone()
     }
+}
+
+/// Whether two activations are bit for bit the same: one `memcmp`, where comparing as
+/// floats is an element-by-element loop (and bit-equal values select the same channels).
+fn same_bits(a: &[f32], b: &[f32]) -> bool {
+    // SAFETY: an f32 is 4 initialized bytes without padding, and any byte is a valid u8.
+    let bytes = |v: &[f32]| unsafe {
+        std::slice::from_raw_parts(v.as_ptr().cast::<u8>(), std::mem::size_of_val(v))
+    };
+    bytes(a) == bytes(b)
 }
 
 impl Compensation {
@@ -249,36 +266,47 @@ impl Compensation {
     /// The channels to correct for a decode step's activation `x` (original column order)
     /// and their values, shared with the layers reading the same `x`.
     pub fn select(&self, x: &[f32]) -> Arc<Selected> {
-        self.shared.get(x, || self.select_fresh(x))
+        self.shared.get(x, |s| self.fill(x, s))
     }
 
     /// [`Self::select`] without the shared cache (prefill positions, each its own).
     pub fn select_fresh(&self, x: &[f32]) -> Selected {
-        let mut channels = Vec::with_capacity(total_budget(self.k_chunk, x.len()));
+        let mut s = Selected::default();
+        self.fill(x, &mut s);
+        s
+    }
+
+    /// Selects the channels of `x` into `s`, reusing its buffers.
+    fn fill(&self, x: &[f32], s: &mut Selected) {
+        let channels = &mut s.channels;
+        channels.clear();
         match self.select {
-            Select::Exact => qdec::select_exact(x, self.k_chunk, &mut channels),
+            Select::Exact => qdec::select_exact(x, self.k_chunk, channels),
             Select::Bucket => {
                 let floors = self.floors.as_ref().expect("set for bucket selection");
-                qdec::select_bucket(x, self.k_chunk, floors, &mut channels);
+                qdec::select_bucket(x, self.k_chunk, floors, channels);
             }
             Select::Static => channels.extend_from_slice(&self.static_set),
             Select::Random => {
                 let seed = self.calls.fetch_add(1, Ordering::Relaxed);
-                qdec::select_random(x.len(), self.k_chunk, seed, &mut channels);
+                qdec::select_random(x.len(), self.k_chunk, seed, channels);
             }
         }
-        let values: Vec<f32> = channels.iter().map(|&i| x[i as usize]).collect();
-        Selected {
-            codes: SelectedCodes::new(&channels, &values),
+        s.values.clear();
+        s.values.extend(channels.iter().map(|&i| x[i as usize]));
+        s.codes.refill(channels, &s.values);
+    }
+
+    pub fn residual_ref(&self) -> ResidualRef<'_> {
+        ResidualRef {
+            codes: self.residual.codes.bytes(),
+            scales: &self.residual.scales,
         }
     }
 
     pub fn epilogue<'a>(&'a self, s: &'a Selected) -> ResidualEpilogue<'a> {
         ResidualEpilogue {
-            residual: ResidualRef {
-                codes: self.residual.codes.bytes(),
-                scales: &self.residual.scales,
-            },
+            residual: self.residual_ref(),
             selected: &s.codes,
         }
     }
@@ -298,8 +326,18 @@ impl Compensation {
 }
 
 /// One token's selection: the channels and their activations rounded for the kernels.
+#[derive(Clone, Default)]
 pub struct Selected {
     pub codes: SelectedCodes,
+    /// The selector's output and the selected values, kept to reuse their allocations.
+    channels: Vec<u32>,
+    values: Vec<f32>,
+}
+
+impl AsRef<SelectedCodes> for Selected {
+    fn as_ref(&self) -> &SelectedCodes {
+        &self.codes
+    }
 }
 
 #[cfg(test)]

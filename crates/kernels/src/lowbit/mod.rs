@@ -29,7 +29,7 @@ pub mod reference;
 mod x86;
 
 use crate::SharedMut;
-use crate::qdec::{ResidualEpilogue, add_residual};
+use crate::qdec::{ResidualEpilogue, ResidualRef, SelectedCodes, add_residual};
 use half::f16;
 use rayon::prelude::*;
 use recoup_formats::packed::{BLOCK, Factor, PackedMatrix};
@@ -377,8 +377,9 @@ pub fn packed_rows(
 const MIN_PARALLEL_WEIGHTS: usize = 1 << 15;
 
 /// Runs `f(first_row, rows_of_out)` on parts of `out` (one value per row of a `cols`-wide
-/// matrix), one part per thread of the spin pool, or whole on the calling thread when the
-/// matrix is small.
+/// matrix) on the threads of the spin pool, or whole on the calling thread when the matrix
+/// is small. Parts are claimed in shrinking blocks ([`claim_rows`]), so a thread that
+/// starts late or runs slower (another tenant on its core) computes fewer of them.
 fn split_rows(out: &mut [f32], cols: usize, f: impl Fn(usize, &mut [f32]) + Sync) {
     let pool = crate::pool::global();
     let rows = out.len();
@@ -386,14 +387,41 @@ fn split_rows(out: &mut [f32], cols: usize, f: impl Fn(usize, &mut [f32]) + Sync
         return f(0, out);
     }
     let base = SharedMut(out.as_mut_ptr());
-    pool.run(&|part| {
-        // Parts start on multiples of 16 rows (64 bytes of output), so threads rarely share
-        // a cache line of `out`, and the epilogue's 8-row tiles align.
-        let (a, b) = crate::pool::part_range(rows, pool.threads(), part, 16);
-        // SAFETY: parts are disjoint ranges of `out`, which outlives `run`.
-        let mine = unsafe { std::slice::from_raw_parts_mut(base.get().add(a), b - a) };
-        f(a, mine);
+    let next = AtomicUsize::new(0);
+    pool.run(&|_| {
+        claim_rows(&next, rows, pool.threads(), |a, b| {
+            // SAFETY: claimed ranges are disjoint parts of `out`, which outlives `run`.
+            let mine = unsafe { std::slice::from_raw_parts_mut(base.get().add(a), b - a) };
+            f(a, mine);
+        });
     });
+}
+
+/// Rows a thread claims at least at once.
+const MIN_CLAIM_ROWS: usize = 64;
+
+/// Guided self-scheduling of `rows` over `threads`: each claim takes `1/(2·threads)` of the
+/// rows left (at least [`MIN_CLAIM_ROWS`]), so a product costs a few atomic claims, and the
+/// threads finish together even when one of them starts late. Claims start on multiples
+/// of 16 rows (64 bytes of output), so threads rarely share a cache line of the output, and
+/// the epilogue's 8-row tiles and the residual's 2-output bytes align.
+fn claim_rows(next: &AtomicUsize, rows: usize, threads: usize, mut run: impl FnMut(usize, usize)) {
+    loop {
+        let start = next.load(Ordering::Relaxed);
+        if start >= rows {
+            return;
+        }
+        let size = ((rows - start) / (2 * threads))
+            .max(MIN_CLAIM_ROWS)
+            .next_multiple_of(16);
+        let end = (start + size).min(rows);
+        if next
+            .compare_exchange(start, end, Ordering::Relaxed, Ordering::Relaxed)
+            .is_ok()
+        {
+            run(start, end);
+        }
+    }
 }
 
 /// `y = m · x` with rows split across the spin pool, plus the fused epilogue.
@@ -408,6 +436,83 @@ pub fn packed_matvec(
     let sums = act.group_sums(m.spec.group);
     split_rows(y, m.cols, |r0, part| {
         packed_rows(m, act, &sums, r0, part, epilogue, isa)
+    });
+}
+
+/// [`packed_matvec`] plus QDEC's correction, with the channels chosen inside the same job:
+/// part 0 runs `select` (which must not use the pool) while the other parts start on the
+/// rows, so the selection no longer keeps them waiting, and rows are claimed in shrinking
+/// blocks ([`claim_rows`]) so the part that selected computes fewer of them. Once every row
+/// and the selection are in, each part corrects a fixed range of outputs: measured faster
+/// than correcting each claimed block as soon as the selection allows (the runs are then
+/// read in more, shorter pieces).
+pub fn packed_matvec_selecting<S>(
+    m: &PackedMatrix,
+    act: &QuantizedActivation,
+    y: &mut [f32],
+    residual: ResidualRef,
+    select: &(dyn Fn() -> S + Sync),
+    isa: Isa,
+) where
+    S: std::ops::Deref + Send + Sync,
+    S::Target: AsRef<SelectedCodes>,
+{
+    assert_eq!(y.len(), m.rows, "output length vs matrix rows");
+    let pool = crate::pool::global();
+    let threads = pool.threads();
+    let sums = act.group_sums(m.spec.group);
+    if threads == 1 || m.rows * m.cols < MIN_PARALLEL_WEIGHTS {
+        let selected = select();
+        let residual = Some(ResidualEpilogue {
+            residual,
+            selected: (*selected).as_ref(),
+        });
+        let epilogue = Epilogue {
+            low_rank: None,
+            residual,
+        };
+        return packed_rows(m, act, &sums, 0, y, epilogue, isa);
+    }
+    let rows = m.rows;
+    let y_base = SharedMut(y.as_mut_ptr());
+    let (next, arrived) = (AtomicUsize::new(0), AtomicUsize::new(0));
+    let slot: OnceLock<S> = OnceLock::new();
+    pool.run(&|part| {
+        // Part 0's selection; a panic in it is raised once every part has arrived.
+        let mut failed = None;
+        if part == 0 {
+            match std::panic::catch_unwind(std::panic::AssertUnwindSafe(select)) {
+                Ok(s) => {
+                    let _ = slot.set(s);
+                }
+                Err(panic) => failed = Some(panic),
+            }
+        }
+        claim_rows(&next, rows, threads, |start, end| {
+            // SAFETY: claimed ranges are disjoint parts of `y`, which outlives `run`.
+            let mine =
+                unsafe { std::slice::from_raw_parts_mut(y_base.get().add(start), end - start) };
+            packed_rows(m, act, &sums, start, mine, Epilogue::default(), isa);
+        });
+        // Nothing above can panic but `select`, which was caught, so every part arrives.
+        arrived.fetch_add(1, Ordering::SeqCst);
+        while arrived.load(Ordering::SeqCst) < threads {
+            std::hint::spin_loop();
+        }
+        if let Some(panic) = failed {
+            std::panic::resume_unwind(panic);
+        }
+        // Without a selection (part 0's panicked, and is raised there) there is nothing to add.
+        let Some(selected) = slot.get() else { return };
+        let (r0, r1) = crate::pool::part_range(rows, threads, part, 16);
+        // SAFETY: parts are disjoint ranges of `y`; every row was written before its
+        // writer's arrival.
+        let mine = unsafe { std::slice::from_raw_parts_mut(y_base.get().add(r0), r1 - r0) };
+        let e = ResidualEpilogue {
+            residual,
+            selected: (**selected).as_ref(),
+        };
+        add_residual(e, r0, mine, isa);
     });
 }
 

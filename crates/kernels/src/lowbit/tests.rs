@@ -362,6 +362,17 @@ fn residual_in_the_epilogue_equals_a_separate_pass() {
             );
         }
         assert!(fused != plain, "the correction changed the output");
+        // Selecting inside the product's job gives the same outputs.
+        let mut selecting = vec![0f32; rows];
+        let select = || &selected;
+        packed_matvec_selecting(&m, &act, &mut selecting, residual.residual, &select, isa);
+        for (f, s) in selecting.iter().zip(&separate) {
+            assert!(
+                (f - s).abs() <= 1e-6 * (1.0 + s.abs()),
+                "{}: {f} vs {s}",
+                isa.name()
+            );
+        }
         // With the low-rank branch too: the same as without the residual, plus it.
         let branch = LowRankFactors {
             a: &tiled,
@@ -376,4 +387,26 @@ fn residual_in_the_epilogue_equals_a_separate_pass() {
             assert!((w - s).abs() <= 1e-6 * (1.0 + w.abs()), "{w} vs {s}");
         }
     }
+}
+
+#[test]
+fn a_panicking_selection_reaches_the_caller_and_the_pool_survives() {
+    let mut rng = StdRng::seed_from_u64(9);
+    let (rows, cols) = (1000, 576);
+    let m = random_matrix(&mut rng, GridSpec::new(3, 64, false).unwrap(), rows, cols);
+    let (codes, scales) = (vec![0x88u8; rows / 2 * cols], vec![f16::ONE; rows]);
+    let residual = crate::qdec::ResidualRef {
+        codes: &codes,
+        scales: &scales,
+    };
+    let act = QuantizedActivation::quantize(&random_activation(&mut rng, cols));
+    let mut y = vec![0f32; rows];
+    let failing = || -> &crate::qdec::SelectedCodes { panic!("no selection") };
+    let caught = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        packed_matvec_selecting(&m, &act, &mut y, residual, &failing, Isa::best());
+    }));
+    assert!(caught.is_err());
+    let mut again = vec![0f32; rows];
+    packed_matvec(&m, &act, &mut again, Epilogue::default(), Isa::best());
+    assert!(again.iter().any(|&v| v != 0.0));
 }

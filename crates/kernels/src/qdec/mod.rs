@@ -46,9 +46,10 @@ pub fn total_budget(k_chunk: usize, n: usize) -> usize {
         .sum()
 }
 
-/// Up to this budget per chunk, the exact selector keeps a sorted list of the best so far
-/// (one compare per channel, few insertions); beyond, it runs quickselect.
-const INSERTION_MAX_K: usize = 64;
+/// Strided groups per chunk of the exact selector: group `j` of a chunk of `len` channels
+/// holds channels `j, j + s, j + 2s, …` with `s = ⌈len / 8⌉`, so the groups' maxima are 8
+/// vertical passes of `max` over contiguous slices (vectorized by the compiler).
+const GROUP_MEMBERS: usize = 8;
 
 /// Indices of the `k_chunk` largest `|x_i|` of every chunk, appended to `out` chunk by chunk
 /// (in no particular order within a chunk).
@@ -59,8 +60,8 @@ pub fn select_exact(x: &[f32], k_chunk: usize, out: &mut Vec<u32>) {
         if k == 0 {
             continue;
         }
-        if k <= INSERTION_MAX_K && k < chunk.len() {
-            top_k_by_insertion(chunk, k, base, out);
+        if k < chunk.len().div_ceil(GROUP_MEMBERS) {
+            top_k_by_group_maxima(chunk, k, base, out);
             continue;
         }
         let mut order: Vec<u32> = (0..chunk.len() as u32).map(|i| i + base).collect();
@@ -74,40 +75,76 @@ pub fn select_exact(x: &[f32], k_chunk: usize, out: &mut Vec<u32>) {
     }
 }
 
-/// The `k` largest `|v|` of `chunk` (offset `base`): channels above the current floor are
-/// appended to a buffer, and whenever it holds `2k`, a quickselect keeps the best `k` and
-/// raises the floor to the k-th of them. After the first `2k` channels the floor is high
-/// enough that most groups of 8 cost one vectorized compare.
-fn top_k_by_insertion(chunk: &[f32], k: usize, base: u32, out: &mut Vec<u32>) {
-    const LANES: usize = 8;
-    let mut buf = [(0f32, 0u32); 2 * INSERTION_MAX_K + LANES];
-    let (mut len, mut floor) = (0, f32::NEG_INFINITY);
-    let by_magnitude = |a: &(f32, u32), b: &(f32, u32)| b.0.total_cmp(&a.0);
-    for (g, group) in chunk.chunks(LANES).enumerate() {
-        let above = match <&[f32; LANES]>::try_from(group) {
-            // A fixed-size group compiles to one vector compare.
-            Ok(lanes) => lanes.iter().fold(0u8, |m, v| m | u8::from(v.abs() > floor)) != 0,
-            Err(_) => group.iter().any(|v| v.abs() > floor),
-        };
-        if !above {
+/// Strided groups of a full chunk.
+const MAX_GROUPS: usize = CHUNK.div_ceil(GROUP_MEMBERS);
+
+/// The `k` largest `|v|` of `chunk` (offset `base`), for `k` below its number of strided
+/// groups. The top `k` channels lie in the `k` groups of largest maximum: if `T` is the
+/// smallest of those maxima, each of the `k` groups holds a channel of at least `T`, and
+/// every channel outside them is at most `T`. So one vectorized pass of maxima, a top-k
+/// over the group maxima and one over the `8k` channels of the chosen groups replace
+/// comparisons and insertions over the whole chunk.
+fn top_k_by_group_maxima(chunk: &[f32], k: usize, base: u32, out: &mut Vec<u32>) {
+    let stride = chunk.len().div_ceil(GROUP_MEMBERS);
+    let mut maxima = [0f32; MAX_GROUPS];
+    let maxima = &mut maxima[..stride];
+    for slice in chunk.chunks(stride) {
+        for (m, v) in maxima.iter_mut().zip(slice) {
+            // A compare-and-select, which compiles to `maxps` (`f32::max` handles NaN).
+            let a = v.abs();
+            *m = if a > *m { a } else { *m };
+        }
+    }
+    let mut best = [(0f32, 0u32); MAX_GROUPS];
+    let groups = top_k(
+        maxima.iter().zip(0u32..).map(|(&m, j)| (m, j)),
+        k,
+        &mut best,
+    );
+    let candidates = groups.iter().flat_map(|&(_, j)| {
+        (j as usize..chunk.len())
+            .step_by(stride)
+            .map(|i| (chunk[i].abs(), base + i as u32))
+    });
+    let mut best = [(0f32, 0u32); MAX_GROUPS];
+    let chosen = top_k(candidates, k, &mut best);
+    out.extend(chosen.iter().map(|&(_, i)| i));
+}
+
+/// Up to this `k`, [`top_k`] keeps a sorted list (one compare per item, few insertions);
+/// beyond, it collects everything and runs quickselect.
+const INSERTION_MAX_K: usize = 16;
+
+/// The `k` items of largest magnitude (`k` at most `best.len()`), as a prefix of `best`.
+fn top_k(
+    items: impl Iterator<Item = (f32, u32)>,
+    k: usize,
+    best: &mut [(f32, u32)],
+) -> &[(f32, u32)] {
+    if k > INSERTION_MAX_K {
+        let mut all: Vec<(f32, u32)> = items.collect();
+        let k = k.min(all.len());
+        if k > 0 && k < all.len() {
+            all.select_nth_unstable_by(k - 1, |a, b| b.0.total_cmp(&a.0));
+        }
+        best[..k].copy_from_slice(&all[..k]);
+        return &best[..k];
+    }
+    let mut len = 0;
+    for item in items {
+        if len == k && item.0 <= best[k - 1].0 {
             continue;
         }
-        for (j, v) in group.iter().enumerate() {
-            if v.abs() > floor {
-                buf[len] = (v.abs(), base + (g * LANES + j) as u32);
-                len += 1;
-            }
+        // Insert in descending order, dropping the smallest when full.
+        let mut at = len.min(k - 1);
+        while at > 0 && best[at - 1].0 < item.0 {
+            best[at] = best[at - 1];
+            at -= 1;
         }
-        if len >= 2 * k {
-            buf[..len].select_nth_unstable_by(k - 1, by_magnitude);
-            len = k;
-            floor = buf[..k].iter().fold(f32::INFINITY, |m, e| m.min(e.0));
-        }
+        best[at] = item;
+        len = (len + 1).min(k);
     }
-    if len > k {
-        buf[..len].select_nth_unstable_by(k - 1, by_magnitude);
-    }
-    out.extend(buf[..len.min(k)].iter().map(|&(_, i)| i));
+    &best[..len]
 }
 
 /// The paper's bucket floors from two calibrated magnitudes: `t_a`, the largest |x| seen,
@@ -239,43 +276,71 @@ pub struct ResidualEpilogue<'a> {
 pub(crate) const GROUP: usize = 16;
 
 /// The selected activations rounded to 8 bits so that the residual product runs on
-/// integers: channels sorted by |x| and cut into groups of [`GROUP`], each with its own
+/// integers: channels sorted by |x| (when there are more than [`GROUP`]) and cut into groups of [`GROUP`], each with its own
 /// scale (`x_i ≈ scales[g] · codes_i`), so small selected values are not rounded on the
 /// scale of the largest. Levels are stored as `nibble = level + 8`; `offset = Σ_g scales[g]
 /// · 8 · Σ_{i∈g} codes_i` removes the 8s from every output at the end.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, Default)]
 pub struct SelectedCodes {
     pub channels: Vec<u32>,
     pub codes: Vec<i8>,
     pub scales: Vec<f32>,
     pub offset: f32,
+    /// The codes of consecutive channel pairs of each group as one little-endian i16 (an
+    /// odd last channel pairs with code 0): the SIMD kernel's multiplier, made once per
+    /// selection rather than per product and thread.
+    pub pair_codes: Vec<i16>,
+    /// Scratch of [`Self::refill`], kept to reuse its allocation.
+    order: Vec<u32>,
 }
 
 impl SelectedCodes {
     /// `channels` selected from an activation, `x` their values (same order).
     pub fn new(channels: &[u32], x: &[f32]) -> Self {
+        let mut codes = Self::default();
+        codes.refill(channels, x);
+        codes
+    }
+
+    /// [`Self::new`] in place: a decode step refills the previous step's buffers.
+    pub fn refill(&mut self, channels: &[u32], x: &[f32]) {
         assert_eq!(channels.len(), x.len(), "selected channels vs values");
-        let mut order: Vec<usize> = (0..channels.len()).collect();
-        order.sort_unstable_by(|&a, &b| x[b].abs().total_cmp(&x[a].abs()));
-        let mut codes = Vec::with_capacity(order.len());
-        let mut scales = Vec::with_capacity(order.len().div_ceil(GROUP));
-        let mut offset = 0f32;
-        for group in order.chunks(GROUP) {
-            let max = x[group[0]].abs();
-            let scale = max / 127.0;
+        self.order.clear();
+        self.order.extend(0..channels.len() as u32);
+        let magnitude = |i: u32| x[i as usize].abs();
+        if channels.len() > GROUP {
+            self.order
+                .sort_unstable_by(|&a, &b| magnitude(b).total_cmp(&magnitude(a)));
+        }
+        self.channels.clear();
+        self.channels
+            .extend(self.order.iter().map(|&i| channels[i as usize]));
+        self.codes.clear();
+        self.scales.clear();
+        self.pair_codes.clear();
+        self.offset = 0.0;
+        for group in self.order.chunks(GROUP) {
+            // The group's largest (its first, when there are several groups to sort into).
+            let scale = group.iter().map(|&i| magnitude(i)).fold(0f32, f32::max) / 127.0;
             let inv = if scale > 0.0 { 1.0 / scale } else { 0.0 };
-            let start = codes.len();
-            codes.extend(group.iter().map(|&i| (x[i] * inv).round() as i8));
-            let sum: i32 = codes[start..].iter().map(|&c| i32::from(c)).sum();
-            offset += scale * (8 * sum) as f32;
-            scales.push(scale);
+            let start = self.codes.len();
+            self.codes
+                .extend(group.iter().map(|&i| (x[i as usize] * inv).round() as i8));
+            let codes = &self.codes[start..];
+            let sum: i32 = codes.iter().map(|&c| i32::from(c)).sum();
+            self.offset += scale * (8 * sum) as f32;
+            self.scales.push(scale);
+            self.pair_codes.extend(codes.chunks(2).map(|pair| {
+                let second = pair.get(1).copied().unwrap_or(0);
+                i16::from_le_bytes([pair[0] as u8, second as u8])
+            }));
         }
-        Self {
-            channels: order.iter().map(|&i| channels[i]).collect(),
-            codes,
-            scales,
-            offset,
-        }
+    }
+}
+
+impl AsRef<SelectedCodes> for SelectedCodes {
+    fn as_ref(&self) -> &SelectedCodes {
+        self
     }
 }
 

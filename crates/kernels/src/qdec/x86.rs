@@ -43,42 +43,34 @@ pub unsafe fn add_residual(e: ResidualEpilogue, r0: usize, y: &mut [f32]) {
     let q = e.selected;
     let half = e.residual.rows() / 2;
     let first = r0 / 2;
-    // Channel pairs, a group's after another (groups of 16 channels make 8 pairs; an odd
-    // last channel pairs with itself at code 0): where the slice's bytes of both runs start,
-    // and the pair's two codes in every 16-bit lane.
-    let pairs: Vec<([usize; 2], __m256i)> = q
-        .codes
-        .chunks(GROUP)
-        .zip(q.channels.chunks(GROUP))
-        .flat_map(|(codes, channels)| {
-            (0..codes.len().div_ceil(2)).map(move |p| {
-                let (a, b) = (2 * p, (2 * p + 1).min(codes.len() - 1));
-                let qb = if b == a { 0 } else { codes[b] };
-                let word = u16::from_le_bytes([codes[a] as u8, qb as u8]) as i16;
-                let start = |i: usize| channels[i] as usize * half + first;
-                ([start(a), start(b)], _mm256_set1_epi16(word))
-            })
-        })
-        .collect();
-    let scales: Vec<__m256> = q.scales.iter().map(|&d| _mm256_set1_ps(d)).collect();
+    let codes = e.residual.codes.as_ptr();
     let bytes = y.len() / 2;
     let wide = bytes / 16 * 16;
-    let codes = e.residual.codes.as_ptr();
     let offset = _mm256_set1_ps(q.offset);
     for b in (0..wide).step_by(16) {
         let zero = _mm256_setzero_ps();
         let (mut even, mut odd) = ([zero; 2], [zero; 2]);
-        for (group, d) in pairs.chunks(GROUP / 2).zip(&scales) {
+        // Channel pairs, a group's after another (groups of 16 channels make 8 pairs; an odd
+        // last channel pairs with itself, at code 0).
+        let groups = q.channels.chunks(GROUP).zip(q.pair_codes.chunks(GROUP / 2));
+        for ((channels, words), &d) in groups.zip(&q.scales) {
             let (mut e16, mut o16) = (_mm256_setzero_si256(), _mm256_setzero_si256());
-            for &([a, c], w) in group {
+            for (p, &word) in words.iter().enumerate() {
+                let (a, c) = (
+                    channels[2 * p],
+                    channels[(2 * p + 1).min(channels.len() - 1)],
+                );
+                let start = |i: u32| i as usize * half + first + b;
                 // SAFETY: the runs are of checked channels, and byte `first + b + 16` is
                 // within them (`y` ends at or before the last row).
-                let (lo, hi) = unsafe { pair_nibbles(codes.add(a + b), codes.add(c + b)) };
+                let (lo, hi) = unsafe { pair_nibbles(codes.add(start(a)), codes.add(start(c))) };
+                let w = _mm256_set1_epi16(word);
                 e16 = _mm256_add_epi16(e16, _mm256_maddubs_epi16(lo, w));
                 o16 = _mm256_add_epi16(o16, _mm256_maddubs_epi16(hi, w));
             }
-            scale_add(e16, *d, &mut even);
-            scale_add(o16, *d, &mut odd);
+            let d = _mm256_set1_ps(d);
+            scale_add(e16, d, &mut even);
+            scale_add(o16, d, &mut odd);
         }
         // Back to output order: even[0] holds outputs 0,2,…,14, odd[0] 1,3,…,15.
         for h in 0..2 {
