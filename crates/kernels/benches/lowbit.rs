@@ -178,7 +178,11 @@ fn qdec(s: &mut Stream, m: &PackedMatrix, act: &QuantizedActivation, x: &[f32], 
                 (0..n)
                     .map(|_| {
                         let v = s.unit();
-                        if s.next().is_multiple_of(50) { 30.0 * v } else { v }
+                        if s.next().is_multiple_of(50) {
+                            30.0 * v
+                        } else {
+                            v
+                        }
                     })
                     .collect()
             })

@@ -383,7 +383,7 @@ mod tests {
             mean_abs: None,
         };
         let on = Arc::new(AtomicBool::new(true));
-        let shared = Arc::new(SharedSelection::default());
+        let shared = Arc::new(SharedSelection::new(1));
         let all = Compensation::new(residual, 1024, Select::Exact, false, on, shared).unwrap();
         let mut op = PackedOp::new(PackedLinear::plain(matrix));
         let x: Vec<f32> = (0..cols).map(|_| rng.random_range(-1.0..1.0)).collect();
