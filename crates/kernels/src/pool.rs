@@ -109,10 +109,12 @@ impl SpinPool {
         while s.pending.load(SeqCst) != 0 {
             std::hint::spin_loop();
         }
+        // Cleared whichever part panicked, so a worker's panic does not fail the next job.
+        let worker_panicked = s.panicked.swap(false, SeqCst);
         if let Err(p) = mine {
             std::panic::resume_unwind(p);
         }
-        if s.panicked.swap(false, SeqCst) {
+        if worker_panicked {
             panic!("a kernel thread panicked");
         }
     }
@@ -221,6 +223,13 @@ mod tests {
             count.fetch_add(1, SeqCst);
         });
         assert_eq!(count.load(SeqCst), 2);
+        // Every part panicking: the caller's panic is raised, and the next job runs clean.
+        let r = catch_unwind(AssertUnwindSafe(|| pool.run(&|i| panic!("part {i} fails"))));
+        assert!(r.is_err());
+        pool.run(&|_| {
+            count.fetch_add(1, SeqCst);
+        });
+        assert_eq!(count.load(SeqCst), 4);
     }
 
     #[test]

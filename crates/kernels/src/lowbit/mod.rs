@@ -457,7 +457,15 @@ pub fn packed_matvec_selecting<S>(
     S: std::ops::Deref + Send + Sync,
     S::Target: AsRef<SelectedCodes>,
 {
+    // Checked here, not inside the job: a part that panicked before the barrier would leave
+    // the others waiting at it.
     assert_eq!(y.len(), m.rows, "output length vs matrix rows");
+    assert_eq!(
+        act.codes.len(),
+        m.cols,
+        "activation length vs matrix columns"
+    );
+    assert_eq!(residual.rows(), m.rows, "residual rows vs matrix rows");
     let pool = crate::pool::global();
     let threads = pool.threads();
     let sums = act.group_sums(m.spec.group);
@@ -494,7 +502,8 @@ pub fn packed_matvec_selecting<S>(
                 unsafe { std::slice::from_raw_parts_mut(y_base.get().add(start), end - start) };
             packed_rows(m, act, &sums, start, mine, Epilogue::default(), isa);
         });
-        // Nothing above can panic but `select`, which was caught, so every part arrives.
+        // Nothing above can panic but `select`, which was caught (the shapes were checked
+        // before the job), so every part arrives.
         arrived.fetch_add(1, Ordering::SeqCst);
         while arrived.load(Ordering::SeqCst) < threads {
             std::hint::spin_loop();

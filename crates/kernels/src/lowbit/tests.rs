@@ -390,7 +390,7 @@ fn residual_in_the_epilogue_equals_a_separate_pass() {
 }
 
 #[test]
-fn a_panicking_selection_reaches_the_caller_and_the_pool_survives() {
+fn a_panicking_selection_or_a_mismatched_residual_reaches_the_caller_and_the_pool_survives() {
     let mut rng = StdRng::seed_from_u64(9);
     let (rows, cols) = (1000, 576);
     let m = random_matrix(&mut rng, GridSpec::new(3, 64, false).unwrap(), rows, cols);
@@ -406,6 +406,15 @@ fn a_panicking_selection_reaches_the_caller_and_the_pool_survives() {
         packed_matvec_selecting(&m, &act, &mut y, residual, &failing, Isa::best());
     }));
     assert!(caught.is_err());
+    // An activation of another width is refused before the job starts: inside it, the
+    // parts' products would panic before the barrier and leave part 0 waiting there.
+    let narrow = QuantizedActivation::quantize(&random_activation(&mut rng, cols - 64));
+    let selected = crate::qdec::SelectedCodes::new(&[3, 7], &[0.5, -0.25]);
+    let select = || &selected;
+    let refused = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        packed_matvec_selecting(&m, &narrow, &mut y, residual, &select, Isa::best());
+    }));
+    assert!(refused.is_err());
     let mut again = vec![0f32; rows];
     packed_matvec(&m, &act, &mut again, Epilogue::default(), Isa::best());
     assert!(again.iter().any(|&v| v != 0.0));
