@@ -70,7 +70,7 @@ pub struct PairedDecode {
 /// positions; which goes first alternates from one repetition to the next). Adjacent steps
 /// see the same machine state (other tenants' load on a VM comes in bursts longer than a
 /// step), switching is one atomic store, and single tokens give 8× more pairs than blocks
-/// of 8 did: repeated runs on the 2-vCPU VM agreed within half a point instead of three.
+/// of 8 did: four runs of one build on the 2-vCPU VM spanned 0.6 points (about three before).
 pub fn paired_decode_tokens_per_s(
     model: &Model,
     tg: usize,
