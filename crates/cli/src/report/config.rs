@@ -63,6 +63,8 @@ pub struct PplStep {
     pub text: String,
     pub ctx: usize,
     pub max_windows: Option<usize>,
+    /// `gptq` (ppl's default) or `llamacpp`.
+    pub protocol: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -110,6 +112,9 @@ pub struct Cell {
 pub struct QdecSweep {
     pub cell: String,
     pub k: Vec<usize>,
+    /// The selection ablation: at this `k_chunk`, exact top-k against the bucket
+    /// approximation, a static channel set and random channels.
+    pub selectors_at: Option<usize>,
 }
 
 /// The reference row's name in tables and result files.
@@ -159,8 +164,11 @@ impl Config {
                     sweep.cell
                 );
             }
-            if sweep.k.is_empty() {
-                bail!("qdec sweep of {:?} has no k", sweep.cell);
+            if sweep.k.is_empty() || sweep.k.contains(&0) || sweep.selectors_at == Some(0) {
+                bail!(
+                    "qdec sweep of {:?} needs k_chunk values above 0 (k 0 is the cell itself)",
+                    sweep.cell
+                );
             }
         }
         Ok(())
@@ -182,12 +190,13 @@ mod tests {
     #[test]
     fn cells_and_sweeps_parse_with_defaults() {
         let c = parse(&format!(
-            "{BASE}[[cell]]\nname = \"rtn-w3\"\nmethod = \"rtn\"\nbits = 3\nargs = [\"--head-bits\", \"8\"]\n[[qdec]]\ncell = \"rtn-w3\"\nk = [4, 8]\n"
+            "{BASE}[[cell]]\nname = \"rtn-w3\"\nmethod = \"rtn\"\nbits = 3\nargs = [\"--head-bits\", \"8\"]\n[[qdec]]\ncell = \"rtn-w3\"\nk = [4, 8]\nselectors_at = 8\n"
         ))
         .unwrap();
         assert_eq!(c.cells[0].args, ["--head-bits", "8"]);
         assert_eq!(c.calibration.nsamples, 32);
         assert_eq!(c.qdec[0].k, [4, 8]);
+        assert_eq!(c.qdec[0].selectors_at, Some(8));
         assert!(c.kld.is_none());
     }
 
@@ -203,6 +212,10 @@ mod tests {
                 "used twice",
             ),
             ("[[qdec]]\ncell = \"nope\"\nk = [8]\n", "not defined"),
+            (
+                "[[cell]]\nname = \"a\"\nmethod = \"rtn\"\nbits = 3\n[[qdec]]\ncell = \"a\"\nk = [0, 8]\n",
+                "above 0",
+            ),
             ("colour = \"red\"\n", "unknown field"),
         ] {
             let err = format!("{:#}", parse(&format!("{BASE}{extra}")).unwrap_err());

@@ -193,6 +193,8 @@ struct SweepPoint {
 struct Sweep {
     cell: String,
     points: Vec<SweepPoint>,
+    /// The selection ablation: k_chunk and each selector's perplexity.
+    selectors_at: Option<(usize, Vec<(&'static str, f64)>)>,
 }
 
 /// Runs the configured measurements of `model` (result files under `name`).
@@ -287,6 +289,9 @@ fn ppl_args(config: &Config, model: &str, extra: &[String]) -> Vec<String> {
         &p.ctx.to_string(),
     ]);
     args.extend(extra.iter().cloned());
+    if let Some(protocol) = &p.protocol {
+        args.extend(strings(&["--protocol", protocol]));
+    }
     if let Some(w) = p.max_windows {
         args.extend(strings(&["--max-windows", &w.to_string()]));
     }
@@ -309,7 +314,10 @@ fn quantize_args(config: &Config, cell: &Cell, out: &Path) -> Vec<String> {
     if let Some(r) = cell.rank {
         args.extend(strings(&["--rank", &r.to_string()]));
     }
-    if cell.method == "rtn" {
+    // RTN, and LoRC on its default RTN base, use no calibration data: none is loaded.
+    let calibration_free =
+        cell.method == "rtn" || (cell.method == "lorc" && !cell.args.iter().any(|a| a == "--base"));
+    if calibration_free {
         args.extend(strings(&["--calib", "none"]));
     } else {
         args.extend(config.calibration.args());
@@ -398,20 +406,23 @@ pub fn main(args: Args) -> Result<()> {
             ppl: base.ppl(),
             residual_mb: 0.0,
         }];
-        for &k in &sweep.k {
-            let qdec = strings(&[
+        let run = |k: usize, select: Option<&str>| -> Result<Value> {
+            let mut qdec = strings(&[
                 "--qdec",
                 &sidecar.path.display().to_string(),
                 "--qdec-k",
                 &k.to_string(),
             ]);
+            let mut step = format!("qdec-k{k}");
+            if let Some(select) = select {
+                qdec.extend(strings(&["--qdec-select", select]));
+                step = format!("{step}-{select}");
+            }
             let a = ppl_args(&config, &dir, &qdec);
-            let v = runner.json_step(
-                &sweep.cell,
-                &format!("qdec-k{k}"),
-                &a,
-                &[&base_checkpoint, &sidecar],
-            )?;
+            runner.json_step(&sweep.cell, &step, &a, &[&base_checkpoint, &sidecar])
+        };
+        for &k in &sweep.k {
+            let v = run(k, None)?;
             let bytes = v["residual_bytes_per_token"].as_f64().unwrap_or(f64::NAN);
             points.push(SweepPoint {
                 k,
@@ -419,9 +430,21 @@ pub fn main(args: Args) -> Result<()> {
                 residual_mb: bytes / 1e6,
             });
         }
+        // Exact selection is the sweep's own default, so its point is reused when swept.
+        let mut selectors = Vec::new();
+        if let Some(k) = sweep.selectors_at {
+            for select in [None, Some("bucket"), Some("static"), Some("random")] {
+                let v = run(k, select)?;
+                selectors.push((
+                    select.unwrap_or("exact"),
+                    v["ppl"].as_f64().unwrap_or(f64::NAN),
+                ));
+            }
+        }
         sweeps.push(Sweep {
             cell: sweep.cell.clone(),
             points,
+            selectors_at: sweep.selectors_at.map(|k| (k, selectors)),
         });
     }
     let plots = draw_plots(&config, &rows, &sweeps, &args.out)?;
@@ -721,6 +744,25 @@ fn markdown(
             }
         }
         let _ = writeln!(md);
+        for s in sweeps {
+            let Some((k, selectors)) = &s.selectors_at else {
+                continue;
+            };
+            let _ = writeln!(
+                md,
+                "Selection on `{}` at k_chunk {k} (none: {:.3}): exact top-k per chunk, the 32-bucket approximation, a static channel set from the calibration statistics, random channels.\n",
+                s.cell, s.points[0].ppl
+            );
+            let names: Vec<&str> = selectors.iter().map(|(n, _)| *n).collect();
+            let _ = writeln!(
+                md,
+                "| {} |\n|{}",
+                names.join(" | "),
+                "---|".repeat(names.len())
+            );
+            let values: Vec<String> = selectors.iter().map(|(_, p)| format!("{p:.3}")).collect();
+            let _ = writeln!(md, "| {} |\n", values.join(" | "));
+        }
     }
     for (stem, caption) in plots {
         let _ = writeln!(md, "![{caption}]({stem}.svg)\n");
