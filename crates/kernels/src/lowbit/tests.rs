@@ -362,16 +362,23 @@ fn residual_in_the_epilogue_equals_a_separate_pass() {
             );
         }
         assert!(fused != plain, "the correction changed the output");
-        // Selecting inside the product's job gives the same outputs.
-        let mut selecting = vec![0f32; rows];
-        let select = || &selected;
-        packed_matvec_selecting(&m, &act, &mut selecting, residual.residual, &select, isa);
-        for (f, s) in selecting.iter().zip(&separate) {
-            assert!(
-                (f - s).abs() <= 1e-6 * (1.0 + s.abs()),
-                "{}: {f} vs {s}",
-                isa.name()
-            );
+        // Selecting inside the product's job gives the same outputs, also when the selection
+        // is slow enough that the other parts finish every row before it (their blocks are
+        // then corrected at the end, more of them than are kept as ranges).
+        for delay_ms in [0, 20] {
+            let mut selecting = vec![0f32; rows];
+            let select = || {
+                std::thread::sleep(std::time::Duration::from_millis(delay_ms));
+                &selected
+            };
+            packed_matvec_selecting(&m, &act, &mut selecting, residual.residual, &select, isa);
+            for (f, s) in selecting.iter().zip(&separate) {
+                assert!(
+                    (f - s).abs() <= 1e-6 * (1.0 + s.abs()),
+                    "{} (selection after {delay_ms} ms): {f} vs {s}",
+                    isa.name()
+                );
+            }
         }
         // With the low-rank branch too: the same as without the residual, plus it.
         let branch = LowRankFactors {
