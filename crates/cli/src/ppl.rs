@@ -1,7 +1,9 @@
 use anyhow::{Context, Result};
 #[cfg(feature = "cuda")]
 use recoup_eval::ppl::perplexity_by_windows;
-use recoup_eval::ppl::{Protocol, perplexity};
+use recoup_eval::ppl::{Progress, Protocol, perplexity};
+use serde_json::{Value, json};
+use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 #[derive(clap::Args)]
@@ -23,6 +25,11 @@ pub struct Args {
     /// Score only the first N windows.
     #[arg(long)]
     max_windows: Option<usize>,
+    /// Keep the running sums in FILE after every window (written atomically); run again
+    /// with the same FILE and settings to continue after the last finished window. For long
+    /// evaluations that may be interrupted; the result equals an uninterrupted run's.
+    #[arg(long, value_name = "FILE")]
+    state: Option<PathBuf>,
     /// Print one JSON object on stdout instead of text.
     #[arg(long)]
     json: bool,
@@ -63,12 +70,39 @@ pub fn main(args: Args) -> Result<()> {
     let tokens = tk.encode_with_bos(&text, false)?;
     let bos = if tk.add_bos { tk.bos } else { None };
     let start = Instant::now();
+    // What a saved state must match to be continued: everything that changes the sums.
+    let settings = json!({
+        "model": args.model,
+        "text_sha256": text_sha256,
+        "ctx": args.ctx,
+        "protocol": format!("{protocol:?}"),
+        "device": if args.device == crate::Device::Cuda { "cuda" } else { "cpu" },
+        "reference_kernels": kernels.reference_kernels,
+        "low_rank": format!("{:?}", kernels.options().low_rank),
+        "qdec": kernels.qdec_record(),
+    });
+    let (from, earlier_seconds) = match &args.state {
+        Some(path) => load_state(path, &settings)?,
+        None => (Progress::default(), 0.0),
+    };
+    if from.windows > 0 {
+        eprintln!(
+            "recoup: continuing from {} after {} windows",
+            args.state.as_ref().expect("loaded").display(),
+            from.windows
+        );
+    }
     // The window count is perplexity's to decide; it reports it with each finished window.
     let pb = crate::progress::bar(0, "windows");
-    let on_window = |done: usize, total: usize, running: f64| {
+    let mut saving = Ok(());
+    let on_window = |p: &Progress, total: usize| {
         pb.set_length(total as u64);
-        pb.set_position(done as u64);
-        pb.set_message(format!("ppl {running:.4}"));
+        pb.set_position(p.windows as u64);
+        pb.set_message(format!("ppl {:.4}", p.ppl()));
+        if let (Some(path), Ok(())) = (&args.state, &saving) {
+            let seconds = earlier_seconds + start.elapsed().as_secs_f64();
+            saving = save_state(path, &settings, p, seconds);
+        }
     };
     let result = match args.device {
         crate::Device::Cpu => perplexity(
@@ -78,6 +112,7 @@ pub fn main(args: Args) -> Result<()> {
             args.ctx,
             protocol,
             args.max_windows,
+            from,
             on_window,
         ),
         #[cfg(feature = "cuda")]
@@ -97,14 +132,18 @@ pub fn main(args: Args) -> Result<()> {
                 Ok(nlls)
             };
             let (ctx, max) = (args.ctx, args.max_windows);
-            perplexity_by_windows(&tokens, bos, ctx, protocol, max, on_window, &mut score)
+            perplexity_by_windows(
+                &tokens, bos, ctx, protocol, max, from, on_window, &mut score,
+            )
         }
         #[cfg(not(feature = "cuda"))]
         crate::Device::Cuda => unreachable!("refused by Device::check"),
     }
     .with_context(|| format!("text {}", text_path.display()))?;
     pb.finish_and_clear();
-    let secs = start.elapsed().as_secs_f64();
+    saving?;
+    // A continued run reports the time and throughput of all its parts together.
+    let secs = earlier_seconds + start.elapsed().as_secs_f64();
     let processed = result.windows * result.ctx;
     if args.json {
         let mut v = serde_json::to_value(&result)?;
@@ -150,4 +189,68 @@ pub fn main(args: Args) -> Result<()> {
         );
     }
     Ok(())
+}
+
+/// The state file's format version.
+const STATE_VERSION: u64 = 1;
+
+/// The progress saved in `path` by an earlier run with the same `settings`, and the seconds
+/// it ran; a fresh start when the file does not exist.
+fn load_state(path: &Path, settings: &Value) -> Result<(Progress, f64)> {
+    let text = match std::fs::read_to_string(path) {
+        Ok(text) => text,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            return Ok((Progress::default(), 0.0));
+        }
+        Err(e) => return Err(e).with_context(|| format!("cannot read {}", path.display())),
+    };
+    let bad = |why: &str| anyhow::anyhow!("{} is not a ppl state file: {why}", path.display());
+    let v: Value = serde_json::from_str(&text).map_err(|e| bad(&e.to_string()))?;
+    if v["recoup_ppl_state"].as_u64() != Some(STATE_VERSION) {
+        return Err(bad(&format!("no recoup_ppl_state {STATE_VERSION}")));
+    }
+    if &v["settings"] != settings {
+        anyhow::bail!(
+            "{} was saved by a run with other settings: {} (this run: {settings}); \
+             use another --state file or delete it",
+            path.display(),
+            v["settings"]
+        );
+    }
+    // The sums travel as their bits, so the continued sums are exactly the saved ones.
+    let bits = |key: &str| -> Result<f64> {
+        let hex = v[key].as_str().ok_or_else(|| bad(&format!("no {key}")))?;
+        let bits = u64::from_str_radix(hex, 16).map_err(|_| bad(&format!("bad {key}")))?;
+        Ok(f64::from_bits(bits))
+    };
+    let count = |key: &str| -> Result<usize> {
+        v[key]
+            .as_u64()
+            .map(|n| n as usize)
+            .ok_or_else(|| bad(&format!("no {key}")))
+    };
+    let progress = Progress {
+        windows: count("windows")?,
+        sum: bits("sum")?,
+        sum_sq: bits("sum_sq")?,
+        count: count("count")?,
+    };
+    Ok((progress, v["seconds"].as_f64().unwrap_or(0.0)))
+}
+
+fn save_state(path: &Path, settings: &Value, p: &Progress, seconds: f64) -> Result<()> {
+    let v = json!({
+        "recoup_ppl_state": STATE_VERSION,
+        "settings": settings,
+        "windows": p.windows,
+        "sum": format!("{:016x}", p.sum.to_bits()),
+        "sum_sq": format!("{:016x}", p.sum_sq.to_bits()),
+        "count": p.count,
+        "seconds": seconds,
+        "ppl_so_far": p.ppl(),
+    });
+    recoup_formats::atomic::write_file(path, |out| {
+        serde_json::to_writer_pretty(&mut *out, &v)?;
+        Ok(())
+    })
 }

@@ -272,3 +272,71 @@ fn bench_measures_random_weights_in_a_configs_shapes() {
         stderr(&o)
     );
 }
+
+#[test]
+fn a_killed_ppl_with_a_state_file_continues_to_the_uninterrupted_result() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("ppl.state");
+    let state_arg = state.to_str().unwrap();
+    let args = |windows: &'static str| {
+        vec![
+            "ppl",
+            "--model",
+            "smollm2-135m",
+            "--text",
+            "wiki-heldout",
+            "--ctx",
+            "512",
+            "--max-windows",
+            windows,
+            "--json",
+        ]
+    };
+    let parse = |o: &Output| -> serde_json::Value {
+        assert!(o.status.success(), "{}", stderr(o));
+        serde_json::from_slice(&o.stdout).expect("one JSON object")
+    };
+    let whole = parse(&recoup(&args("6")));
+
+    // Killed once the first window's state is on disk.
+    let mut with_state = args("6");
+    with_state.extend(["--state", state_arg]);
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_recoup"))
+        .args(&with_state)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    while !state.exists() {
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let saved: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&state).unwrap()).unwrap();
+    assert!(saved["windows"].as_u64().unwrap() >= 1, "{saved}");
+
+    let resumed = recoup(&with_state);
+    let v = parse(&resumed);
+    assert_eq!(v["ppl"], whole["ppl"], "{}", stderr(&resumed));
+    assert_eq!(v["tokens_scored"], whole["tokens_scored"]);
+
+    // Other settings are refused, naming the file; so is a file that is not a state.
+    let mut other = args("6");
+    other.extend(["--protocol", "llamacpp", "--state", state_arg]);
+    let o = recoup(&other);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(
+        stderr(&o).contains("other settings") && stderr(&o).contains("ppl.state"),
+        "{}",
+        stderr(&o)
+    );
+    std::fs::write(&state, b"{\"truncated\": ").unwrap();
+    let o = recoup(&with_state);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(
+        stderr(&o).contains("not a ppl state file"),
+        "{}",
+        stderr(&o)
+    );
+}
