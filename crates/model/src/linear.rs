@@ -6,10 +6,10 @@ use anyhow::{Result, bail};
 use rayon::prelude::*;
 use recoup_formats::packed::{LowRank, PackedLinear};
 use recoup_kernels::lowbit::{
-    self, Epilogue, Isa, LowRankFactors, QuantizedActivation, TiledFactor,
+    self, Epilogue, Isa, LowRankFactors, QuantizedActivation, Selecting, TiledFactor,
 };
 use recoup_kernels::matmul::matmul_wt;
-use recoup_kernels::qdec::add_residual;
+use recoup_kernels::qdec::{SelectedCodes, add_residual};
 use std::sync::Arc;
 
 /// `y[n×out] = x[n×in] · Wᵀ` for some representation of `W`.
@@ -183,25 +183,29 @@ impl PackedOp {
         let (m, isa) = (&self.packed.matrix, self.isa);
         act.requantize(x_stored);
         let qdec = self.qdec.as_ref().filter(|_| correct);
+        // The selection as the kernels run it, inside their job.
+        let select = |f: &mut dyn FnMut(&SelectedCodes)| {
+            if let Some(q) = qdec {
+                f(&q.select(x).codes)
+            }
+        };
+        let selecting = qdec.map(|q| Selecting {
+            residual: q.residual_ref(),
+            select: &select,
+        });
         let Some(lr) = self.low_rank() else {
-            return match qdec {
-                Some(q) => lowbit::packed_matvec_selecting(
-                    m,
-                    act,
-                    y,
-                    q.residual_ref(),
-                    &|| q.select(x),
-                    isa,
-                ),
+            return match selecting {
+                Some(c) => lowbit::packed_matvec_selecting(m, act, y, c, isa),
                 None => lowbit::packed_matvec(m, act, y, Epilogue::default(), isa),
             };
         };
-        let selected = qdec.map(|q| q.select(x));
-        let residual = qdec.zip(selected.as_ref()).map(|(q, s)| q.epilogue(s));
         let mut v = vec![0f32; lr.rank];
         let a = self.a_tiled.as_ref().expect("tiled with the branch");
         let b = (&lr.b).into();
         if self.options.low_rank == LowRankPath::Unfused {
+            // The measured baseline: every step a pass of its own, the selection first.
+            let selected = qdec.map(|q| q.select(x));
+            let residual = qdec.zip(selected.as_ref()).map(|(q, s)| q.epilogue(s));
             lowbit::factor_matvec(b, x, &mut v, isa);
             let epilogue = Epilogue {
                 low_rank: None,
@@ -211,7 +215,7 @@ impl PackedOp {
             lowbit::factor_matvec_add(a, &v, y, isa);
         } else {
             let branch = LowRankFactors { a, b };
-            lowbit::packed_matvec_low_rank(m, act, x, branch, residual, y, &mut v, isa);
+            lowbit::packed_matvec_low_rank(m, act, x, branch, selecting, y, &mut v, isa);
         }
     }
 

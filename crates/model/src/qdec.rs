@@ -334,12 +334,6 @@ pub struct Selected {
     values: Vec<f32>,
 }
 
-impl AsRef<SelectedCodes> for Selected {
-    fn as_ref(&self) -> &SelectedCodes {
-        &self.codes
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

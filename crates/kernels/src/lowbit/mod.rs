@@ -439,26 +439,27 @@ pub fn packed_matvec(
     });
 }
 
-/// [`packed_matvec`] plus QDEC's correction, with the channels chosen inside the same job
-/// and no barrier in it. Part 0 runs `select` (which must not use the pool) and computes the
-/// correction of every output into a scratch vector, while the other parts start on the
-/// rows; then it claims rows too. Rows are claimed in shrinking blocks ([`claim_rows`]), so
-/// the part that selected computes fewer of them. A block finished once the correction is
-/// complete gets it added while its outputs are in L1; the few blocks finished before keep
-/// their ranges and are corrected by their part at the end. A version that waited at a
-/// barrier for every row and then corrected half the outputs per part spent about 2 % of a
-/// token in that wait (perf, 3-bit 0.5B model at k_chunk 8).
-pub fn packed_matvec_selecting<S>(
+/// Chooses a token's channels and hands them to the closure it is given (which may then
+/// borrow them, wherever the selection lives).
+pub type Select<'a> = dyn Fn(&mut dyn FnMut(&SelectedCodes)) + Sync + 'a;
+
+/// QDEC's correction with the channels chosen inside the product's job (`select` must not
+/// use the pool).
+#[derive(Clone, Copy)]
+pub struct Selecting<'a> {
+    pub residual: ResidualRef<'a>,
+    pub select: &'a Select<'a>,
+}
+
+/// [`packed_matvec`] plus QDEC's correction, the channels chosen inside the same job and no
+/// barrier in it (see [`RowPhase`]).
+pub fn packed_matvec_selecting(
     m: &PackedMatrix,
     act: &QuantizedActivation,
     y: &mut [f32],
-    residual: ResidualRef,
-    select: &(dyn Fn() -> S + Sync),
+    correction: Selecting,
     isa: Isa,
-) where
-    S: std::ops::Deref + Send + Sync,
-    S::Target: AsRef<SelectedCodes>,
-{
+) {
     // Checked here, not inside the job: a part that panicked there would leave the others
     // waiting for a correction that never comes.
     assert_eq!(y.len(), m.rows, "output length vs matrix rows");
@@ -467,123 +468,168 @@ pub fn packed_matvec_selecting<S>(
         m.cols,
         "activation length vs matrix columns"
     );
-    assert_eq!(residual.rows(), m.rows, "residual rows vs matrix rows");
-    let pool = crate::pool::global();
-    let threads = pool.threads();
-    let sums = act.group_sums(m.spec.group);
-    if threads == 1 || m.rows * m.cols < MIN_PARALLEL_WEIGHTS {
-        let selected = select();
-        let residual = Some(ResidualEpilogue {
-            residual,
-            selected: (*selected).as_ref(),
-        });
-        let epilogue = Epilogue {
-            low_rank: None,
-            residual,
-        };
-        return packed_rows(m, act, &sums, 0, y, epilogue, isa);
-    }
-    thread_local! {
-        /// The correction's scratch, kept by the calling thread from product to product.
-        static CORRECTION: std::cell::Cell<Vec<f32>> = const { std::cell::Cell::new(Vec::new()) };
-    }
-    let mut correction = CORRECTION.take();
-    correction.clear();
-    correction.resize(m.rows, 0.0);
-    let rows = m.rows;
-    let (y_base, c_base) = (
-        SharedMut(y.as_mut_ptr()),
-        SharedMut(correction.as_mut_ptr()),
+    assert_eq!(
+        correction.residual.rows(),
+        m.rows,
+        "residual rows vs matrix rows"
     );
-    let next = AtomicUsize::new(0);
-    let state = AtomicU8::new(PENDING);
-    pool.run(&|part| {
-        if part == 0 {
-            let made = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                let selected = select();
-                let e = ResidualEpilogue {
-                    residual,
-                    selected: (*selected).as_ref(),
-                };
-                // SAFETY: only part 0 writes the scratch, and before publishing it.
-                let c = unsafe { std::slice::from_raw_parts_mut(c_base.get(), rows) };
-                add_residual(e, 0, c, isa);
-            }));
-            if let Err(panic) = made {
-                // The others then add nothing; the panic reaches the caller through `run`.
-                state.store(FAILED, Ordering::Release);
-                std::panic::resume_unwind(panic);
-            }
-            state.store(READY, Ordering::Release);
-        }
-        // SAFETY (both): claimed ranges are disjoint parts of `y`, which outlives `run`, and
-        // the scratch is only read once READY published it.
-        let out = |a: usize, b: usize| unsafe {
-            std::slice::from_raw_parts_mut(y_base.get().add(a), b - a)
-        };
-        let add = |a: usize, b: usize| {
-            let c = unsafe { std::slice::from_raw_parts(c_base.get().add(a), b - a) };
-            out(a, b).iter_mut().zip(c).for_each(|(y, c)| *y += c);
-        };
-        let mut early = [(0, 0); 8];
-        let mut n_early = 0;
-        claim_rows(&next, rows, threads, |start, end| {
-            packed_rows(
-                m,
-                act,
-                &sums,
-                start,
-                out(start, end),
-                Epilogue::default(),
-                isa,
-            );
-            if state.load(Ordering::Acquire) == READY {
-                add(start, end);
-            } else if n_early < early.len() {
-                early[n_early] = (start, end);
-                n_early += 1;
-            } else {
-                // Rarely reached: wait for the correction rather than keep more ranges.
-                if wait_for(&state) == READY {
-                    add(start, end);
-                }
-            }
+    let pool = crate::pool::global();
+    let sums = act.group_sums(m.spec.group);
+    if pool.threads() == 1 || m.rows * m.cols < MIN_PARALLEL_WEIGHTS {
+        return (correction.select)(&mut |selected| {
+            let residual = Some(ResidualEpilogue {
+                residual: correction.residual,
+                selected,
+            });
+            let epilogue = Epilogue {
+                low_rank: None,
+                residual,
+            };
+            packed_rows(m, act, &sums, 0, y, epilogue, isa)
         });
-        if n_early > 0 && wait_for(&state) == READY {
-            early[..n_early].iter().for_each(|&(a, b)| add(a, b));
-        }
+    }
+    RowPhase::run(y, Some(correction), isa, &|phase, part| {
+        phase.rows(part, &|r0, out| {
+            packed_rows(m, act, &sums, r0, out, Epilogue::default(), isa)
+        });
     });
-    CORRECTION.set(correction);
 }
 
-/// States of the correction in [`packed_matvec_selecting`].
+/// The rows of a decode product split across the spin pool, with QDEC's correction and no
+/// barrier for it. Rows are claimed in shrinking blocks ([`claim_rows`]). With a correction,
+/// part 0 first selects the channels and computes the correction of every output into a
+/// scratch vector while the other parts start on the rows, then claims rows too (fewer of
+/// them, having started late). A block finished once the correction is complete gets it
+/// added while its outputs are in L1; the few finished before keep their ranges and are
+/// corrected by their part at the end. A version that waited at a barrier for every row
+/// and then corrected half the outputs per part spent about 2 % of a token in that wait
+/// (perf, 3-bit 0.5B model at `k_chunk` 8).
+pub struct RowPhase<'a> {
+    y: SharedMut,
+    rows: usize,
+    threads: usize,
+    next: AtomicUsize,
+    correction: Option<Selecting<'a>>,
+    scratch: SharedMut,
+    state: AtomicU8,
+    isa: Isa,
+}
+
+/// States of the correction in a [`RowPhase`].
 const PENDING: u8 = 0;
 const READY: u8 = 1;
 const FAILED: u8 = 2;
 
-/// Spins until part 0 has made the correction or failed to.
-fn wait_for(state: &AtomicU8) -> u8 {
-    loop {
-        match state.load(Ordering::Acquire) {
-            PENDING => std::hint::spin_loop(),
-            done => return done,
+impl<'a> RowPhase<'a> {
+    /// Runs `job(phase, part)` as one job of the spin pool, each part calling
+    /// [`Self::rows`] once (after any work of its own) to compute and correct the rows of `y`.
+    fn run(
+        y: &mut [f32],
+        correction: Option<Selecting<'a>>,
+        isa: Isa,
+        job: &(dyn Fn(&RowPhase, usize) + Sync),
+    ) {
+        thread_local! {
+            /// The correction's scratch, kept by the calling thread from product to product.
+            static SCRATCH: std::cell::Cell<Vec<f32>> = const { std::cell::Cell::new(Vec::new()) };
+        }
+        let mut scratch = SCRATCH.take();
+        scratch.clear();
+        scratch.resize(if correction.is_some() { y.len() } else { 0 }, 0.0);
+        let pool = crate::pool::global();
+        let phase = RowPhase {
+            y: SharedMut(y.as_mut_ptr()),
+            rows: y.len(),
+            threads: pool.threads(),
+            next: AtomicUsize::new(0),
+            correction,
+            scratch: SharedMut(scratch.as_mut_ptr()),
+            state: AtomicU8::new(PENDING),
+            isa,
+        };
+        pool.run(&|part| job(&phase, part));
+        SCRATCH.set(scratch);
+    }
+
+    /// Part `part`'s share of the rows: `compute(r0, out)` writes the outputs from row `r0`.
+    /// Part 0 makes the correction first.
+    fn rows(&self, part: usize, compute: &(dyn Fn(usize, &mut [f32]) + Sync)) {
+        let rows = self.rows;
+        if let Some(c) = self.correction.filter(|_| part == 0) {
+            let made = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                // SAFETY: only this part writes the scratch, and before publishing it.
+                let out = unsafe { std::slice::from_raw_parts_mut(self.scratch.get(), rows) };
+                (c.select)(&mut |selected| {
+                    let e = ResidualEpilogue {
+                        residual: c.residual,
+                        selected,
+                    };
+                    add_residual(e, 0, out, self.isa);
+                });
+            }));
+            if let Err(panic) = made {
+                // The others then add nothing; the panic reaches the caller through `run`.
+                self.state.store(FAILED, Ordering::Release);
+                std::panic::resume_unwind(panic);
+            }
+            self.state.store(READY, Ordering::Release);
+        }
+        // SAFETY (both): claimed ranges are disjoint parts of `y`, which outlives the job, and
+        // the scratch is only read once READY published it.
+        let out = |a: usize, b: usize| unsafe {
+            std::slice::from_raw_parts_mut(self.y.get().add(a), b - a)
+        };
+        let add = |a: usize, b: usize| {
+            let c = unsafe { std::slice::from_raw_parts(self.scratch.get().add(a), b - a) };
+            out(a, b).iter_mut().zip(c).for_each(|(y, c)| *y += c);
+        };
+        let corrected = self.correction.is_some();
+        let mut early = [(0, 0); 8];
+        let mut n_early = 0;
+        claim_rows(&self.next, rows, self.threads, |start, end| {
+            compute(start, out(start, end));
+            if !corrected {
+                return;
+            }
+            if self.state.load(Ordering::Acquire) == READY {
+                add(start, end);
+            } else if n_early < early.len() {
+                early[n_early] = (start, end);
+                n_early += 1;
+            } else if self.wait() == READY {
+                // Rarely reached: waits for the correction rather than keep more ranges.
+                add(start, end);
+            }
+        });
+        if n_early > 0 && self.wait() == READY {
+            early[..n_early].iter().for_each(|&(a, b)| add(a, b));
+        }
+    }
+
+    /// Spins until part 0 has made the correction or failed to.
+    fn wait(&self) -> u8 {
+        loop {
+            match self.state.load(Ordering::Acquire) {
+                PENDING => std::hint::spin_loop(),
+                done => return done,
+            }
         }
     }
 }
 
 /// `y = m·x + A·(B·x)` in one job of the spin pool, the fused low-rank path: each thread
 /// computes its share of `v = B·x`, waits at a barrier until all of `v` is there, then
-/// computes its rows of the main product and adds `⟨A_r, v⟩` to them while they are in L1.
+/// claims rows of the main product and adds `⟨A_r, v⟩` to them while they are in L1.
 /// `x` is the activation in f32 (the branch's input, original column order), `act` the
-/// same activation quantized in the matrix's stored order; `residual`, QDEC's correction,
-/// joins the epilogue.
+/// same activation quantized in the matrix's stored order; `correction`, QDEC's, is chosen
+/// after the barrier while the other parts start on the rows ([`RowPhase`]).
 #[allow(clippy::too_many_arguments)]
 pub fn packed_matvec_low_rank(
     m: &PackedMatrix,
     act: &QuantizedActivation,
     x: &[f32],
     branch: LowRankFactors,
-    residual: Option<ResidualEpilogue>,
+    correction: Option<Selecting>,
     y: &mut [f32],
     v: &mut [f32],
     isa: Isa,
@@ -591,6 +637,9 @@ pub fn packed_matvec_low_rank(
     let LowRankFactors { a, b } = branch;
     assert_eq!(y.len(), m.rows, "output length vs matrix rows");
     assert_eq!(x.len(), m.cols, "activation length vs matrix columns");
+    if let Some(c) = &correction {
+        assert_eq!(c.residual.rows(), m.rows, "residual rows vs matrix rows");
+    }
     let rank = v.len();
     LowRankEpilogue { a, v }.check(m.rows);
     let b_ok = match b {
@@ -608,15 +657,28 @@ pub fn packed_matvec_low_rank(
     if threads == 1 || m.rows * m.cols < MIN_PARALLEL_WEIGHTS {
         factor_matvec(b, x, v, isa);
         let low_rank = Some(LowRankEpilogue { a, v });
-        return packed_rows(m, act, &sums, 0, y, Epilogue { low_rank, residual }, isa);
+        let Some(c) = correction else {
+            let epilogue = Epilogue {
+                low_rank,
+                residual: None,
+            };
+            return packed_rows(m, act, &sums, 0, y, epilogue, isa);
+        };
+        return (c.select)(&mut |selected| {
+            let residual = Some(ResidualEpilogue {
+                residual: c.residual,
+                selected,
+            });
+            packed_rows(m, act, &sums, 0, y, Epilogue { low_rank, residual }, isa)
+        });
     }
-    let (v_base, y_base) = (SharedMut(v.as_mut_ptr()), SharedMut(y.as_mut_ptr()));
+    let v_base = SharedMut(v.as_mut_ptr());
     let arrived = AtomicUsize::new(0);
-    pool.run(&|part| {
+    RowPhase::run(y, correction, isa, &|phase, part| {
         let (v0, v1) = crate::pool::part_range(rank, threads, part, 1);
         for r in v0..v1 {
             let dot = factor_row_dot(b, r, x, isa);
-            // SAFETY: each part writes its own entries of `v`, which outlives `run`.
+            // SAFETY: each part writes its own entries of `v`, which outlives the job.
             unsafe { *v_base.get().add(r) = dot };
         }
         // Nothing above can panic (the shapes were checked), so every part arrives.
@@ -626,19 +688,10 @@ pub fn packed_matvec_low_rank(
         }
         // SAFETY: every write to `v` happened before its writer's arrival.
         let v = unsafe { std::slice::from_raw_parts(v_base.get(), rank) };
-        let (r0, r1) = crate::pool::part_range(m.rows, threads, part, 16);
-        // SAFETY: parts are disjoint ranges of `y`, which outlives `run`.
-        let mine = unsafe { std::slice::from_raw_parts_mut(y_base.get().add(r0), r1 - r0) };
-        let low_rank = Some(LowRankEpilogue { a, v });
-        packed_rows(
-            m,
-            act,
-            &sums,
-            r0,
-            mine,
-            Epilogue { low_rank, residual },
-            isa,
-        );
+        let low_rank = LowRankEpilogue { a, v };
+        phase.rows(part, &|r0, out| {
+            packed_rows(m, act, &sums, r0, out, Epilogue::low_rank(low_rank), isa)
+        });
     });
 }
 

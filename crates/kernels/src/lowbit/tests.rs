@@ -3,6 +3,7 @@
 
 use super::*;
 use crate::matmul::matmul_wt;
+use crate::qdec::SelectedCodes;
 use crate::testutil::{random_activation, random_matrix};
 use half::f16;
 use rand::rngs::StdRng;
@@ -342,13 +343,12 @@ fn residual_in_the_epilogue_equals_a_separate_pass() {
     };
     let tiled = TiledFactor::new((&a).into(), rows, rank);
     for isa in Isa::available() {
-        let some = Some(residual);
         let mut plain = vec![0f32; rows];
         packed_matvec(&m, &act, &mut plain, Epilogue::default(), isa);
         let mut fused = vec![0f32; rows];
         let epilogue = Epilogue {
             low_rank: None,
-            residual: some,
+            residual: Some(residual),
         };
         packed_matvec(&m, &act, &mut fused, epilogue, isa);
         let mut separate = plain.clone();
@@ -365,13 +365,25 @@ fn residual_in_the_epilogue_equals_a_separate_pass() {
         // Selecting inside the product's job gives the same outputs, also when the selection
         // is slow enough that the other parts finish every row before it (their blocks are
         // then corrected at the end, more of them than are kept as ranges).
+        let branch = LowRankFactors {
+            a: &tiled,
+            b: (&b).into(),
+        };
+        let mut without = vec![0f32; rows];
+        let mut v = vec![0f32; rank];
+        packed_matvec_low_rank(&m, &act, &x, branch, None, &mut without, &mut v, isa);
+        add_residual(residual, 0, &mut without, isa);
         for delay_ms in [0, 20] {
-            let mut selecting = vec![0f32; rows];
-            let select = || {
+            let select = |f: &mut dyn FnMut(&SelectedCodes)| {
                 std::thread::sleep(std::time::Duration::from_millis(delay_ms));
-                &selected
+                f(&selected)
             };
-            packed_matvec_selecting(&m, &act, &mut selecting, residual.residual, &select, isa);
+            let correction = Selecting {
+                residual: residual.residual,
+                select: &select,
+            };
+            let mut selecting = vec![0f32; rows];
+            packed_matvec_selecting(&m, &act, &mut selecting, correction, isa);
             for (f, s) in selecting.iter().zip(&separate) {
                 assert!(
                     (f - s).abs() <= 1e-6 * (1.0 + s.abs()),
@@ -379,19 +391,13 @@ fn residual_in_the_epilogue_equals_a_separate_pass() {
                     isa.name()
                 );
             }
-        }
-        // With the low-rank branch too: the same as without the residual, plus it.
-        let branch = LowRankFactors {
-            a: &tiled,
-            b: (&b).into(),
-        };
-        let (mut with, mut without) = (vec![0f32; rows], vec![0f32; rows]);
-        let mut v = vec![0f32; rank];
-        packed_matvec_low_rank(&m, &act, &x, branch, some, &mut with, &mut v, isa);
-        packed_matvec_low_rank(&m, &act, &x, branch, None, &mut without, &mut v, isa);
-        add_residual(residual, 0, &mut without, isa);
-        for (w, s) in with.iter().zip(&without) {
-            assert!((w - s).abs() <= 1e-6 * (1.0 + w.abs()), "{w} vs {s}");
+            // With the low-rank branch too: the same as without the residual, plus it.
+            let mut with = vec![0f32; rows];
+            let c = Some(correction);
+            packed_matvec_low_rank(&m, &act, &x, branch, c, &mut with, &mut v, isa);
+            for (w, s) in with.iter().zip(&without) {
+                assert!((w - s).abs() <= 1e-6 * (1.0 + w.abs()), "{w} vs {s}");
+            }
         }
     }
 }
@@ -408,18 +414,50 @@ fn a_panicking_selection_or_a_mismatched_residual_reaches_the_caller_and_the_poo
     };
     let act = QuantizedActivation::quantize(&random_activation(&mut rng, cols));
     let mut y = vec![0f32; rows];
-    let failing = || -> &crate::qdec::SelectedCodes { panic!("no selection") };
+    let failing = |_: &mut dyn FnMut(&SelectedCodes)| panic!("no selection");
+    let failing = Selecting {
+        residual,
+        select: &failing,
+    };
     let caught = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-        packed_matvec_selecting(&m, &act, &mut y, residual, &failing, Isa::best());
+        packed_matvec_selecting(&m, &act, &mut y, failing, Isa::best());
+    }));
+    assert!(caught.is_err());
+    // The same inside the low-rank job, after its barrier.
+    let rank = 4;
+    let a = random_factor(&mut rng, rows, rank, FactorDtype::F16);
+    let b = random_factor(&mut rng, rank, cols, FactorDtype::F16);
+    let tiled = TiledFactor::new((&a).into(), rows, rank);
+    let branch = LowRankFactors {
+        a: &tiled,
+        b: (&b).into(),
+    };
+    let x = random_activation(&mut rng, cols);
+    let mut v = vec![0f32; rank];
+    let caught = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        packed_matvec_low_rank(
+            &m,
+            &act,
+            &x,
+            branch,
+            Some(failing),
+            &mut y,
+            &mut v,
+            Isa::best(),
+        );
     }));
     assert!(caught.is_err());
     // An activation of another width is refused before the job starts: inside it, the
     // parts' products would panic before the barrier and leave part 0 waiting there.
     let narrow = QuantizedActivation::quantize(&random_activation(&mut rng, cols - 64));
     let selected = crate::qdec::SelectedCodes::new(&[3, 7], &[0.5, -0.25]);
-    let select = || &selected;
+    let select = |f: &mut dyn FnMut(&SelectedCodes)| f(&selected);
+    let correction = Selecting {
+        residual,
+        select: &select,
+    };
     let refused = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-        packed_matvec_selecting(&m, &narrow, &mut y, residual, &select, Isa::best());
+        packed_matvec_selecting(&m, &narrow, &mut y, correction, Isa::best());
     }));
     assert!(refused.is_err());
     let mut again = vec![0f32; rows];

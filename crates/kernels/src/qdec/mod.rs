@@ -338,12 +338,6 @@ impl SelectedCodes {
     }
 }
 
-impl AsRef<SelectedCodes> for SelectedCodes {
-    fn as_ref(&self) -> &SelectedCodes {
-        self
-    }
-}
-
 /// Outputs accumulated per pass: the accumulators stay in L1 while every selected run is
 /// read over the slice.
 pub(crate) const SLICE: usize = 1024;
