@@ -452,7 +452,7 @@ pub struct Selecting<'a> {
 }
 
 /// [`packed_matvec`] plus QDEC's correction, the channels chosen inside the same job and no
-/// barrier in it (see [`RowPhase`]).
+/// barrier in it (see `RowPhase`).
 pub fn packed_matvec_selecting(
     m: &PackedMatrix,
     act: &QuantizedActivation,
@@ -504,7 +504,7 @@ pub fn packed_matvec_selecting(
 /// corrected by their part at the end. A version that waited at a barrier for every row
 /// and then corrected half the outputs per part spent about 2 % of a token in that wait
 /// (perf, 3-bit 0.5B model at `k_chunk` 8).
-pub struct RowPhase<'a> {
+struct RowPhase<'a> {
     y: SharedMut,
     rows: usize,
     threads: usize,
@@ -622,7 +622,7 @@ impl<'a> RowPhase<'a> {
 /// claims rows of the main product and adds `⟨A_r, v⟩` to them while they are in L1.
 /// `x` is the activation in f32 (the branch's input, original column order), `act` the
 /// same activation quantized in the matrix's stored order; `correction`, QDEC's, is chosen
-/// after the barrier while the other parts start on the rows ([`RowPhase`]).
+/// after the barrier while the other parts start on the rows (`RowPhase`).
 #[allow(clippy::too_many_arguments)]
 pub fn packed_matvec_low_rank(
     m: &PackedMatrix,
