@@ -170,17 +170,48 @@ impl BucketFloors {
         Self { floors }
     }
 
-    /// The bucket of a magnitude: the first whose floor it reaches.
+    /// The bucket of a magnitude: the first whose floor it reaches (the last when it
+    /// reaches none).
     pub fn bucket(&self, v: f32) -> usize {
-        // The floors are monotone, so a binary search finds the first one ≤ v.
-        self.floors.partition_point(|&f| f > v).min(BUCKETS - 1)
+        // The floors are two arithmetic progressions, so the bucket is a division away; the
+        // guess is then moved against the floors themselves (a step at most, where rounding
+        // put it on the wrong side of one), so the answer is exactly the first floor ≤ v,
+        // without a binary search's unpredictable branches per element.
+        let f = &self.floors;
+        if v.is_nan() {
+            // No floor is ≤ NaN: the first bucket, as a search over the floors gives.
+            return 0;
+        }
+        // Truncating casts (v ≥ 0, and the fix-up below covers the rounding): `floor` and
+        // `ceil` are library calls on baseline x86-64.
+        let guess = if v >= f[15] {
+            let span = f[0] - f[15];
+            if span > 0.0 {
+                ((f[0] - v) / span * 15.0) as usize
+            } else {
+                0
+            }
+        } else if f[15] > 0.0 {
+            31 - ((16.0 * v / f[15]) as usize).min(31)
+        } else {
+            31
+        };
+        let mut b = guess.min(BUCKETS - 1);
+        while b > 0 && f[b - 1] <= v {
+            b -= 1;
+        }
+        while b < BUCKETS - 1 && f[b] > v {
+            b += 1;
+        }
+        b
     }
 }
 
 /// The paper's approximate per-chunk top-k: buckets are taken whole from the largest down
 /// while they fit, then the first members (in channel order) of the boundary bucket fill the
 /// budget exactly. Everything selected is at least everything not selected, except within
-/// that bucket. Two passes over the chunk (count per bucket, then collect) need no scratch.
+/// that bucket. Two passes over the chunk (count per bucket, then collect by comparing with
+/// the boundary's floors) need no scratch.
 pub fn select_bucket(x: &[f32], k_chunk: usize, floors: &BucketFloors, out: &mut Vec<u32>) {
     for (c, chunk) in x.chunks(CHUNK).enumerate() {
         let k = chunk_budget(k_chunk, chunk.len());
@@ -201,14 +232,32 @@ pub fn select_bucket(x: &[f32], k_chunk: usize, floors: &BucketFloors, out: &mut
             }
             taken += n;
         }
+        // Bucket < boundary ⟺ v reaches the floor of the bucket before the boundary;
+        // bucket ≤ boundary ⟺ v reaches the boundary's floor (every v, in the last bucket).
+        let f = &floors.floors;
+        let above = if boundary > 0 {
+            f[boundary - 1]
+        } else {
+            f32::INFINITY
+        };
+        let at = if boundary < BUCKETS - 1 {
+            f[boundary]
+        } else {
+            0.0
+        };
         for (i, v) in chunk.iter().enumerate() {
-            let b = floors.bucket(v.abs());
-            if b == boundary && from_boundary > 0 {
+            let v = v.abs();
+            let take = if v >= above && boundary > 0 {
+                true
+            } else if v >= at && from_boundary > 0 {
                 from_boundary -= 1;
-            } else if b >= boundary {
-                continue;
+                true
+            } else {
+                false
+            };
+            if take {
+                out.push((c * CHUNK + i) as u32);
             }
-            out.push((c * CHUNK + i) as u32);
         }
     }
 }

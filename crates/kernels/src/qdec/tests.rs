@@ -108,6 +108,37 @@ fn bucket_floors_follow_the_paper() {
 }
 
 #[test]
+fn the_bucket_is_the_first_floor_reached_on_edges_and_random_magnitudes() {
+    let mut rng = StdRng::seed_from_u64(11);
+    let by_search =
+        |f: &BucketFloors, v: f32| f.floors.partition_point(|&x| x > v).min(BUCKETS - 1);
+    let mut floors = vec![
+        BucketFloors::new(10.0, 2.0),
+        BucketFloors::new(3.0, 3.0),
+        BucketFloors::new(5.0, 0.0),
+        BucketFloors::new(0.0, 0.0),
+        BucketFloors::new(1e-30, 1e-31),
+    ];
+    for _ in 0..50 {
+        let t_a = rng.random_range(0.01f32..100.0);
+        floors.push(BucketFloors::new(t_a, t_a * rng.random_range(0.0f32..1.0)));
+    }
+    for f in &floors {
+        let mut values: Vec<f32> = f.floors.to_vec();
+        values.extend(
+            f.floors
+                .iter()
+                .flat_map(|&x| [x.next_up(), x.next_down().max(0.0)]),
+        );
+        values.extend((0..200).map(|_| rng.random_range(0.0..1.2 * f.floors[0].max(1e-3))));
+        values.extend([0.0, f32::INFINITY, f32::NAN, f32::MAX]);
+        for v in values {
+            assert_eq!(f.bucket(v), by_search(f, v), "{v} in {:?}", f.floors);
+        }
+    }
+}
+
+#[test]
 fn random_selection_draws_distinct_channels_in_each_chunk() {
     for seed in 0..50 {
         let mut got = Vec::new();
