@@ -448,7 +448,7 @@ fn a_panicking_selection_or_a_mismatched_residual_reaches_the_caller_and_the_poo
     }));
     assert!(caught.is_err());
     // An activation of another width is refused before the job starts: inside it, the
-    // parts' products would panic before the barrier and leave part 0 waiting there.
+    // parts' products would panic and leave the others waiting for the correction.
     let narrow = QuantizedActivation::quantize(&random_activation(&mut rng, cols - 64));
     let selected = crate::qdec::SelectedCodes::new(&[3, 7], &[0.5, -0.25]);
     let select = |f: &mut dyn FnMut(&SelectedCodes)| f(&selected);
