@@ -451,6 +451,14 @@ pub struct Selecting<'a> {
     pub select: &'a Select<'a>,
 }
 
+impl Selecting<'_> {
+    /// Selects, and hands `f` the correction of the selected channels.
+    fn with(&self, f: &mut dyn FnMut(ResidualEpilogue)) {
+        let residual = self.residual;
+        (self.select)(&mut |selected| f(ResidualEpilogue { residual, selected }));
+    }
+}
+
 /// [`packed_matvec`] plus QDEC's correction, the channels chosen inside the same job and no
 /// barrier in it (see `RowPhase`).
 pub fn packed_matvec_selecting(
@@ -476,14 +484,10 @@ pub fn packed_matvec_selecting(
     let pool = crate::pool::global();
     let sums = act.group_sums(m.spec.group);
     if pool.threads() == 1 || m.rows * m.cols < MIN_PARALLEL_WEIGHTS {
-        return (correction.select)(&mut |selected| {
-            let residual = Some(ResidualEpilogue {
-                residual: correction.residual,
-                selected,
-            });
+        return correction.with(&mut |e| {
             let epilogue = Epilogue {
                 low_rank: None,
-                residual,
+                residual: Some(e),
             };
             packed_rows(m, act, &sums, 0, y, epilogue, isa)
         });
@@ -559,13 +563,7 @@ impl<'a> RowPhase<'a> {
             let made = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
                 // SAFETY: only this part writes the scratch, and before publishing it.
                 let out = unsafe { std::slice::from_raw_parts_mut(self.scratch.get(), rows) };
-                (c.select)(&mut |selected| {
-                    let e = ResidualEpilogue {
-                        residual: c.residual,
-                        selected,
-                    };
-                    add_residual(e, 0, out, self.isa);
-                });
+                c.with(&mut |e| add_residual(e, 0, out, self.isa));
             }));
             if let Err(panic) = made {
                 // The others then add nothing; the panic reaches the caller through `run`.
@@ -664,11 +662,8 @@ pub fn packed_matvec_low_rank(
             };
             return packed_rows(m, act, &sums, 0, y, epilogue, isa);
         };
-        return (c.select)(&mut |selected| {
-            let residual = Some(ResidualEpilogue {
-                residual: c.residual,
-                selected,
-            });
+        return c.with(&mut |e| {
+            let residual = Some(e);
             packed_rows(m, act, &sums, 0, y, Epilogue { low_rank, residual }, isa)
         });
     }
