@@ -94,14 +94,19 @@ pub fn main(args: Args) -> Result<()> {
     }
     // The window count is perplexity's to decide; it reports it with each finished window.
     let pb = crate::progress::bar(0, "windows");
-    let mut saving = Ok(());
+    // A state that cannot be written (disk full, say) is reported at once and then left
+    // alone: the evaluation itself goes on and prints its result.
+    let mut saving = args.state.clone();
     let on_window = |p: &Progress, total: usize| {
         pb.set_length(total as u64);
         pb.set_position(p.windows as u64);
         pb.set_message(format!("ppl {:.4}", p.ppl()));
-        if let (Some(path), Ok(())) = (&args.state, &saving) {
+        if let Some(path) = &saving {
             let seconds = earlier_seconds + start.elapsed().as_secs_f64();
-            saving = save_state(path, &settings, p, seconds);
+            if let Err(e) = save_state(path, &settings, p, seconds) {
+                pb.suspend(|| eprintln!("recoup: warning: {e:#}; no further state is saved"));
+                saving = None;
+            }
         }
     };
     let result = match args.device {
@@ -141,7 +146,6 @@ pub fn main(args: Args) -> Result<()> {
     }
     .with_context(|| format!("text {}", text_path.display()))?;
     pb.finish_and_clear();
-    saving?;
     // A continued run reports the time and throughput of all its parts together.
     let secs = earlier_seconds + start.elapsed().as_secs_f64();
     let processed = result.windows * result.ctx;

@@ -308,6 +308,10 @@ fn a_killed_ppl_with_a_state_file_continues_to_the_uninterrupted_result() {
         .spawn()
         .unwrap();
     while !state.exists() {
+        // A run that exits before saving anything has failed: say so rather than wait.
+        if let Some(status) = child.try_wait().unwrap() {
+            panic!("ppl --state exited ({status}) before saving its state");
+        }
         std::thread::sleep(std::time::Duration::from_millis(5));
     }
     child.kill().unwrap();
