@@ -41,9 +41,7 @@ pub fn main(args: Args) -> Result<()> {
         let sha = recoup_assets::sha256_file(&path)?;
         loaded_tasks.push((spec, path, sha, instances));
     }
-    let mut kernels = args.kernels;
-    // Log-likelihoods score prompt positions: QDEC corrects each as a decode step would.
-    kernels.qdec_prefill = true;
+    let kernels = args.kernels.for_scoring();
     let loaded = crate::load_model(&args.model, &kernels)?;
     let tk = &loaded.tokenizer;
     let total: usize = loaded_tasks.iter().map(|t| t.3.len()).sum();

@@ -136,9 +136,7 @@ pub fn main(args: Args) -> Result<()> {
             start.elapsed().as_secs_f64()
         );
     }
-    let mut kernels = args.kernels;
-    // Every position is scored: QDEC corrects each as a decode step would.
-    kernels.qdec_prefill = true;
+    let kernels = args.kernels.for_scoring();
     let loaded = crate::load_model(&args.model, &kernels)?;
     let tk = &loaded.tokenizer;
     let tokens = tk.encode_with_bos(&text, false)?;

@@ -60,9 +60,7 @@ pub fn main(args: Args) -> Result<()> {
         .with_context(|| format!("cannot read text {}", text_path.display()))?;
     let text_sha256 = recoup_assets::sha256_file(&text_path)?;
     args.device.check()?;
-    let mut kernels = args.kernels;
-    // Perplexity scores prompt positions only: QDEC corrects each as a decode step would.
-    kernels.qdec_prefill = true;
+    let kernels = args.kernels.for_scoring();
     let loaded = crate::load_model(&args.model, &kernels)?;
     let tk = &loaded.tokenizer;
     let protocol = args.protocol.protocol();
@@ -79,6 +77,7 @@ pub fn main(args: Args) -> Result<()> {
         "device": if args.device == crate::Device::Cuda { "cuda" } else { "cpu" },
         "reference_kernels": kernels.reference_kernels,
         "low_rank": format!("{:?}", kernels.options().low_rank),
+        "prefill": format!("{:?}", kernels.options().prefill),
         "qdec": kernels.qdec_record(),
     });
     let (from, earlier_seconds) = match &args.state {
@@ -149,6 +148,7 @@ pub fn main(args: Args) -> Result<()> {
     // A continued run reports the time and throughput of all its parts together.
     let secs = earlier_seconds + start.elapsed().as_secs_f64();
     let processed = result.windows * result.ctx;
+    let prefill = format!("{:?}", kernels.options().prefill).to_lowercase();
     if args.json {
         let mut v = serde_json::to_value(&result)?;
         v["text"] = text_path.display().to_string().into();
@@ -165,11 +165,12 @@ pub fn main(args: Args) -> Result<()> {
         })
         .into();
         v["qdec"] = kernels.qdec_record().into();
+        v["prefill"] = prefill.into();
         v["tokens_per_second"] = (processed as f64 / secs).into();
         println!("{v}");
     } else {
         println!(
-            "protocol: {:?}, ctx {}, {} windows of {} text tokens ({} scored), BOS {}, text {} sha256 {}",
+            "protocol: {:?}, ctx {}, {} windows of {} text tokens ({} scored), BOS {}, text {} sha256 {}, {prefill} prefill",
             result.protocol,
             result.ctx,
             result.windows,

@@ -93,8 +93,13 @@ pub fn main(args: Args) -> Result<()> {
             args.seqlen,
             args.seed,
         )?;
-        let model =
+        let mut model =
             recoup_model::Model::from_source(quantized.config.clone(), quantized.source.as_ref())?;
+        // Calibration statistics of the quantized weights themselves, as `ppl` measures them.
+        model.set_kernel_options(recoup_model::linear::KernelOptions {
+            prefill: recoup_model::linear::Prefill::Exact,
+            ..Default::default()
+        });
         let pb = crate::progress::bar(set.windows.len() as u64, "windows");
         pb.set_message("activation statistics of the quantized model");
         let stats = input_stats(&model, &set.windows, &mut |w| pb.set_position(w as u64))?;

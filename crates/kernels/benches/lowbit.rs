@@ -2,7 +2,8 @@
 //! next to the machine's streaming-read bandwidth measured in the same run, and the time
 //! the low-rank branch adds with the fused and the unfused path.
 //!
-//! `cargo bench -p recoup-kernels --bench lowbit` (add `-- ROWS COLS` for another shape).
+//! `cargo bench -p recoup-kernels --bench lowbit` (add `-- ROWS COLS` for another shape, and
+//! `prefill` for the prefill products alone).
 
 use half::f16;
 use recoup_formats::packed::{Factor, FactorDtype, GridSpec, PackedMatrix};
@@ -10,6 +11,7 @@ use recoup_formats::residual::pack_input_major;
 use recoup_kernels::lowbit::{
     Epilogue, Isa, LowRankFactors, QuantizedActivation, TiledFactor, factor_matvec,
     factor_matvec_add, packed_matvec, packed_matvec_low_rank,
+    prefill::{dequantized_matmul, integer_gemm},
 };
 use recoup_kernels::membw::stream_read_gbps;
 use recoup_kernels::qdec::{
@@ -78,6 +80,9 @@ fn main() {
         [r, c, ..] => (*r, *c),
         _ => (4864, 896), // Qwen2.5-Coder-0.5B's gate/up projection
     };
+    if std::env::args().any(|a| a == "prefill") {
+        return prefill(&mut Stream(0x9E37_79B9_7F4A_7C15), rows, cols);
+    }
     let stream = stream_read_gbps(1 << 30, 5);
     println!(
         "matrix [{rows}, {cols}], {} threads, streaming read {stream:.1} GB/s",
@@ -148,6 +153,39 @@ fn main() {
         }
     }
     qdec(&mut s, &m, &act, &x, plain);
+    prefill(&mut s, rows, cols);
+}
+
+/// Prefill of 512 tokens: the integer GEMM per instruction set against the dequantizing
+/// f32 path (what 8-bit codes take), in multiply-adds per second.
+fn prefill(s: &mut Stream, rows: usize, cols: usize) {
+    let n = 512;
+    let x: Vec<f32> = (0..n * cols).map(|_| s.unit()).collect();
+    let mut y = vec![0f32; n * rows];
+    let gmacs = |t: f64| (n * rows * cols) as f64 / t / 1e9;
+    println!("\nprefill of {n} tokens: GMAC/s (multiply-adds per second)");
+    println!(
+        "{:<5} {:>6} {:>14} integer GEMM per isa",
+        "bits", "group", "dequant + f32"
+    );
+    for (bits, group) in [(2, 64), (3, 128), (4, 128), (4, 32)] {
+        let m = matrix(s, bits, group, rows, cols);
+        let f32_path = time(|| dequantized_matmul(&m, &x, n, &mut y));
+        // The scalar twin takes seconds per product here; it is checked by the tests.
+        let int: Vec<String> = Isa::available()
+            .into_iter()
+            .filter(|&isa| isa != Isa::Scalar)
+            .map(|isa| {
+                let t = time(|| integer_gemm(&m, &x, n, &mut y, isa));
+                format!("{} {:.1}", isa.name(), gmacs(t))
+            })
+            .collect();
+        println!(
+            "{bits:<5} {group:>6} {:>14.1} {}",
+            gmacs(f32_path),
+            int.join(", ")
+        );
+    }
 }
 
 /// QDEC's residual correction in the epilogue of the 3-bit product, per `k_chunk`: the time

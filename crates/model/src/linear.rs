@@ -103,6 +103,18 @@ pub struct KernelOptions {
     /// kernels are checked against.
     pub reference: bool,
     pub low_rank: LowRankPath,
+    pub prefill: Prefill,
+}
+
+/// How products of many tokens (prompts, perplexity windows) compute packed layers.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Prefill {
+    /// The integer GEMM on 8-bit activations: decode's formula, the fast path.
+    #[default]
+    Integer,
+    /// Tiles dequantized to f32 against the f32 activations: exactly the reference path's
+    /// products, for evaluations that measure the weights alone.
+    Exact,
 }
 
 /// What a layer with a low-rank branch does with it at run time.
@@ -120,11 +132,11 @@ pub enum LowRankPath {
 }
 
 /// Up to this many tokens, a product runs as matrix-vector kernels on the packed codes, one
-/// token at a time; beyond, tiles of the matrix are dequantized once and shared by all.
+/// token at a time; beyond, as the prefill GEMM, whose unpacked tiles all tokens share.
 const MATVEC_MAX_TOKENS: usize = 8;
 
-/// Packed low-bit weights computed in place: integer matrix-vector kernels for decode,
-/// tiled dequantization + f32 GEMM for prefill, the low-rank branch fused into the former.
+/// Packed low-bit weights computed in place: integer matrix-vector kernels for decode, an
+/// integer GEMM for prefill, the low-rank branch fused into the former.
 pub struct PackedOp {
     packed: PackedLinear,
     /// The branch's `A` laid out for the kernels' epilogue.
@@ -264,7 +276,11 @@ impl LinearOp for PackedOp {
             }
             return;
         } else {
-            lowbit::packed_matmul(&self.packed.matrix, &self.stored_order(x, n), n, y);
+            let (m, x) = (&self.packed.matrix, self.stored_order(x, n));
+            match self.options.prefill {
+                Prefill::Integer => lowbit::packed_matmul(m, &x, n, y, self.isa),
+                Prefill::Exact => lowbit::prefill::dequantized_matmul(m, &x, n, y),
+            }
         }
         if let Some(lr) = self.low_rank() {
             // y += (x Bᵀ) Aᵀ: two thin products instead of forming A·B.

@@ -17,21 +17,23 @@
 //! path); the unfused path, kept as the measured baseline, runs the down-projection, the
 //! up-projection and the addition as jobs of their own.
 //!
-//! Prefill (many tokens) dequantizes tiles of rows to f32 and multiplies each with `gemm`,
-//! so the whole matrix is never resident in f32.
+//! Prefill (many tokens) runs the same formula as an integer GEMM over tiles of rows whose
+//! codes are unpacked once and shared by every token ([`prefill`]).
 //!
 //! Every SIMD kernel has a scalar twin in [`reference`] computing the same formula; the
 //! tests compare them on random data, and compare both with the f32 product of the
 //! dequantized weights (the difference is bounded by the activation's rounding).
 
+pub mod prefill;
 pub mod reference;
 #[cfg(target_arch = "x86_64")]
 mod x86;
 
+pub use prefill::packed_matmul;
+
 use crate::SharedMut;
 use crate::qdec::{ResidualEpilogue, ResidualRef, SelectedCodes, add_residual};
 use half::f16;
-use rayon::prelude::*;
 use recoup_formats::packed::{BLOCK, Factor, PackedMatrix};
 use std::sync::OnceLock;
 use std::sync::atomic::{AtomicU8, AtomicUsize, Ordering};
@@ -112,8 +114,13 @@ impl QuantizedActivation {
         q
     }
 
-    /// [`Self::quantize`] into existing buffers.
+    /// [`Self::quantize`] into existing buffers, with the best instruction set.
     pub fn requantize(&mut self, x: &[f32]) {
+        self.requantize_with(x, Isa::best());
+    }
+
+    /// [`Self::requantize`] with the kernels of `isa` (every set gives the same bytes).
+    pub fn requantize_with(&mut self, x: &[f32], isa: Isa) {
         assert!(
             x.len().is_multiple_of(BLOCK),
             "activation length {}",
@@ -128,14 +135,13 @@ impl QuantizedActivation {
             .zip(self.codes.chunks_exact_mut(BLOCK))
             .enumerate()
         {
-            let max = xb.iter().fold(0f32, |m, v| m.max(v.abs()));
-            let d = max / 127.0;
-            let inv = if d > 0.0 { 1.0 / d } else { 0.0 };
-            let mut sum = 0i32;
-            for (c, &v) in cb.iter_mut().zip(xb) {
-                *c = (v * inv).round() as i8;
-                sum += i32::from(*c);
-            }
+            let (d, sum) = match isa {
+                #[cfg(target_arch = "x86_64")]
+                // SAFETY: listed by `Isa::available` only where the CPU has AVX2 and FMA;
+                // both chunks hold a whole block.
+                Isa::Avx2 | Isa::Avx2Vnni => unsafe { x86::quantize_block(xb, cb) },
+                _ => reference::quantize_block(xb, cb),
+            };
             self.scales[b] = d;
             self.block_sums[b] = d * sum as f32;
         }
@@ -696,43 +702,6 @@ pub fn factor_matvec_add(a: &TiledFactor, v: &[f32], y: &mut [f32], isa: Isa) {
     let e = LowRankEpilogue { a, v };
     e.check(y.len());
     split_rows(y, v.len(), |r0, part| add_low_rank(e, r0, part, isa));
-}
-
-/// Rows of f32 weights per tile of the prefill product: a tile of a wide matrix stays
-/// within L2 while `gemm` multiplies it with every token.
-const PREFILL_TILE_FLOATS: usize = 1 << 18;
-
-/// `y[n×rows] = x[n×cols] · mᵀ` for many tokens: tiles of rows dequantized to f32 and
-/// multiplied with `gemm`, tiles spread over the threads; the f32 matrix never exists whole.
-pub fn packed_matmul(m: &PackedMatrix, x: &[f32], n: usize, y: &mut [f32]) {
-    let (rows, cols) = (m.rows, m.cols);
-    assert!(
-        x.len() >= n * cols && y.len() >= n * rows,
-        "packed_matmul buffers"
-    );
-    let tile = (PREFILL_TILE_FLOATS / cols).clamp(16, rows.max(16));
-    let tiles: Vec<(usize, Vec<f32>)> = (0..rows)
-        .step_by(tile)
-        .collect::<Vec<_>>()
-        .into_par_iter()
-        .map(|r0| {
-            let r1 = (r0 + tile).min(rows);
-            let mut w = vec![0f32; (r1 - r0) * cols];
-            let mut codes = vec![0u8; cols];
-            for (r, wr) in (r0..r1).zip(w.chunks_exact_mut(cols)) {
-                m.dequantize_row_with(r, &mut codes, wr);
-            }
-            let mut out = vec![0f32; n * (r1 - r0)];
-            crate::matmul::matmul_wt_serial(x, &w, &mut out, n, cols, r1 - r0);
-            (r0, out)
-        })
-        .collect();
-    for (r0, out) in tiles {
-        let width = out.len() / n.max(1);
-        for (t, o) in out.chunks_exact(width).enumerate() {
-            y[t * rows + r0..t * rows + r0 + width].copy_from_slice(o);
-        }
-    }
 }
 
 #[cfg(test)]

@@ -1,8 +1,32 @@
 //! Scalar twins of the SIMD kernels: the same formulas, one value at a time, with the
 //! block layouts read through `recoup_formats::packed`'s own unpacking.
 
+use super::prefill::{GEMM_ROWS, RowTile};
 use super::{FactorRef, QuantizedActivation, TILE_ROWS, TiledFactor, Tiles};
 use recoup_formats::packed::{BLOCK, PackedMatrix};
+
+/// One block of an activation rounded to 8 bits, symmetric: `codes = round(x / d)` with
+/// `d = max|x| / 127`; returns `d` and the sum of the codes.
+pub fn quantize_block(x: &[f32], codes: &mut [i8]) -> (f32, i32) {
+    let max = x.iter().fold(0f32, |m, v| m.max(v.abs()));
+    let d = max / 127.0;
+    let inv = if d > 0.0 { 1.0 / d } else { 0.0 };
+    let mut sum = 0i32;
+    for (c, &v) in codes.iter_mut().zip(x) {
+        *c = round_half_away(v * inv) as i8;
+        sum += i32::from(*c);
+    }
+    (d, sum)
+}
+
+/// `v.round()` without the library call `round` compiles to where the target has no
+/// SSE4.1: truncate, and step away from zero when the dropped fraction is at least a half
+/// (exact: `v − trunc(v)` is representable for |v| < 2²³).
+pub fn round_half_away(v: f32) -> i32 {
+    let t = v as i32;
+    let frac = v - t as f32;
+    t + i32::from(frac >= 0.5) - i32::from(frac <= -0.5)
+}
 
 /// `⟨row r of f, v⟩`; rows are `v.len()` wide.
 pub fn factor_row_dot(f: FactorRef, r: usize, v: &[f32]) -> f32 {
@@ -79,4 +103,26 @@ pub fn tile_dots(a: &TiledFactor, t: usize, v: &[f32]) -> [f32; TILE_ROWS] {
         };
     }
     out
+}
+
+/// The prefill tile's sums over `blocks` added to `acc` for each token (the module formula
+/// without its zero-point term), reading the interleaved codes one at a time.
+pub fn tile_blocks(
+    tile: &RowTile,
+    acts: &[QuantizedActivation],
+    blocks: std::ops::Range<usize>,
+    acc: &mut [[f32; GEMM_ROWS]],
+) {
+    let blocks_per_group = tile.group / BLOCK;
+    for (act, acc) in acts.iter().zip(acc) {
+        for (lane, a) in acc.iter_mut().enumerate() {
+            for b in blocks.clone() {
+                let s = tile.scales[b / blocks_per_group * GEMM_ROWS + lane];
+                let dot: i32 = (b * BLOCK..(b + 1) * BLOCK)
+                    .map(|i| i32::from(tile.code(lane, i)) * i32::from(act.codes[i]))
+                    .sum();
+                *a += s * act.scales[b] * dot as f32;
+            }
+        }
+    }
 }

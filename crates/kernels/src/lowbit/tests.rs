@@ -40,6 +40,41 @@ fn magnitude(m: &PackedMatrix, act: &QuantizedActivation, r: usize) -> f32 {
 }
 
 #[test]
+fn rounding_without_the_library_call_is_round() {
+    let mut rng = StdRng::seed_from_u64(11);
+    let halves = (-255..=255).map(|k| k as f32 / 2.0);
+    let near = halves.clone().flat_map(|h| [h.next_down(), h.next_up()]);
+    let random = (0..10_000).map(|_| rng.random_range(-127.49f32..127.49));
+    for v in halves.chain(near).chain(random) {
+        assert_eq!(reference::round_half_away(v), v.round() as i32, "{v}");
+    }
+}
+
+#[test]
+fn simd_activation_rounding_gives_the_scalar_bytes() {
+    let mut rng = StdRng::seed_from_u64(12);
+    let mut x = random_activation(&mut rng, 4096);
+    // Exact halves of the step (0.25), where rounding modes differ, in the first block.
+    x[..BLOCK]
+        .iter_mut()
+        .enumerate()
+        .for_each(|(i, v)| *v = 0.25 * (i as f32 - 16.0) + 0.125);
+    x[31] = 127.0 * 0.25;
+    let want = {
+        let mut q = QuantizedActivation::default();
+        q.requantize_with(&x, Isa::Scalar);
+        q
+    };
+    for isa in Isa::available() {
+        let mut got = QuantizedActivation::default();
+        got.requantize_with(&x, isa);
+        assert_eq!(got.codes, want.codes, "{}", isa.name());
+        assert_eq!(got.scales, want.scales, "{}", isa.name());
+        assert_eq!(got.block_sums, want.block_sums, "{}", isa.name());
+    }
+}
+
+#[test]
 fn activation_rounds_within_half_a_step_per_block() {
     let mut rng = StdRng::seed_from_u64(1);
     let x = random_activation(&mut rng, 1024);
@@ -291,9 +326,50 @@ fn threaded_product_equals_the_row_kernel() {
 }
 
 #[test]
-fn prefill_tiles_equal_the_dequantized_product() {
+fn prefill_gemm_equals_decode_formula_token_by_token() {
     let mut rng = StdRng::seed_from_u64(7);
-    for (bits, rows, cols, n) in [(3, 1000, 576, 9), (4, 40, 2048, 3), (2, 17, 64, 1)] {
+    // 7 tokens: a pass of 4 and one of 3; row counts that leave a part-filled last tile.
+    let n = 7;
+    for (bits, group, sym, rows, cols) in configs() {
+        if !prefill::integer_gemm_supports(bits) {
+            continue;
+        }
+        let m = random_matrix(
+            &mut rng,
+            GridSpec::new(bits, group, sym).unwrap(),
+            rows,
+            cols,
+        );
+        let x = random_activation(&mut rng, n * cols);
+        for isa in Isa::available() {
+            let mut got = vec![f32::NAN; n * rows];
+            prefill::integer_gemm(&m, &x, n, &mut got, isa);
+            for t in 0..n {
+                let act = QuantizedActivation::quantize(&x[t * cols..(t + 1) * cols]);
+                let mut want = vec![0f32; rows];
+                reference::packed_rows(&m, &act, &act.group_sums(group), 0, &mut want);
+                for r in 0..rows {
+                    let tol = 1e-5 * magnitude(&m, &act, r);
+                    let g = got[t * rows + r];
+                    assert!(
+                        (g - want[r]).abs() <= tol,
+                        "{} {bits}-bit g{group} sym={sym} [{rows}x{cols}] token {t} row {r}: \
+                         {g} vs {}",
+                        isa.name(),
+                        want[r]
+                    );
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn prefill_without_the_integer_gemm_is_the_dequantized_product() {
+    let mut rng = StdRng::seed_from_u64(17);
+    let (rows, cols, n) = (1000, 576, 9);
+    // 8-bit codes on any instruction set, and any width on the portable path.
+    for (bits, isa) in [(8, Isa::best()), (3, Isa::Scalar)] {
         let m = random_matrix(
             &mut rng,
             GridSpec::new(bits, 64, false).unwrap(),
@@ -302,7 +378,7 @@ fn prefill_tiles_equal_the_dequantized_product() {
         );
         let x = random_activation(&mut rng, n * cols);
         let mut tiled = vec![f32::NAN; n * rows];
-        packed_matmul(&m, &x, n, &mut tiled);
+        packed_matmul(&m, &x, n, &mut tiled, isa);
         let mut whole = vec![0f32; n * rows];
         matmul_wt(&x, &m.dequantize(), &mut whole, n, cols, rows);
         for (a, b) in tiled.iter().zip(&whole) {

@@ -6,6 +6,7 @@
 //! integer dot product (8 lanes of i32), and is accumulated in f32 with the product of the
 //! group's and the activation block's scales. Horizontal sums happen once per row.
 
+use super::prefill::{GEMM_ROWS, RowTile};
 use super::{FactorRef, QuantizedActivation, TILE_ROWS, TiledFactor, Tiles};
 use core::arch::x86_64::*;
 use recoup_formats::packed::{BLOCK, PackedMatrix};
@@ -34,6 +35,58 @@ fn hsum(v: __m256) -> f32 {
 #[target_feature(enable = "avx2,fma,f16c")]
 fn f16_to_f32(h: half::f16) -> f32 {
     _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(i32::from(h.to_bits()))))
+}
+
+/// `super::reference::quantize_block` for one block of 32, vectorized with the same
+/// rounding (half away from zero, as `f32::round`), so both give the same bytes.
+///
+/// # Safety
+/// The CPU must have AVX2 and FMA; `x` and `codes` must hold 32 values.
+#[target_feature(enable = "avx2,fma")]
+pub unsafe fn quantize_block(x: &[f32], codes: &mut [i8]) -> (f32, i32) {
+    debug_assert!(x.len() == BLOCK && codes.len() == BLOCK);
+    let sign = _mm256_set1_ps(-0.0);
+    // SAFETY: `x` holds 32 floats.
+    let v: [__m256; 4] = std::array::from_fn(|k| unsafe { _mm256_loadu_ps(x.as_ptr().add(8 * k)) });
+    let abs = v.map(|v| _mm256_andnot_ps(sign, v));
+    let m = _mm256_max_ps(_mm256_max_ps(abs[0], abs[1]), _mm256_max_ps(abs[2], abs[3]));
+    let m = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps(m, 1));
+    let m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+    let max = _mm_cvtss_f32(_mm_max_ss(m, _mm_movehdup_ps(m)));
+    let d = max / 127.0;
+    let inv = _mm256_set1_ps(if d > 0.0 { 1.0 / d } else { 0.0 });
+    let (half, one) = (_mm256_set1_ps(0.5), _mm256_set1_ps(1.0));
+    let ints = v.map(|v| {
+        let q = _mm256_mul_ps(v, inv);
+        let t = _mm256_round_ps::<{ _MM_FROUND_TO_ZERO | _MM_FROUND_NO_EXC }>(q);
+        let frac = _mm256_sub_ps(q, t);
+        let up = _mm256_and_ps(_mm256_cmp_ps::<_CMP_GE_OQ>(frac, half), one);
+        let down = _mm256_and_ps(
+            _mm256_cmp_ps::<_CMP_LE_OQ>(frac, _mm256_sub_ps(sign, half)),
+            one,
+        );
+        _mm256_cvttps_epi32(_mm256_add_ps(t, _mm256_sub_ps(up, down)))
+    });
+    // Packing interleaves the 128-bit lanes; the permutation puts the 32 bytes back in order.
+    let words = [
+        _mm256_packs_epi32(ints[0], ints[1]),
+        _mm256_packs_epi32(ints[2], ints[3]),
+    ];
+    let bytes = _mm256_packs_epi16(words[0], words[1]);
+    let bytes = _mm256_permutevar8x32_epi32(bytes, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+    // SAFETY: `codes` holds 32 bytes.
+    unsafe { _mm256_storeu_si256(codes.as_mut_ptr().cast(), bytes) };
+    let sums = _mm256_add_epi32(
+        _mm256_add_epi32(ints[0], ints[1]),
+        _mm256_add_epi32(ints[2], ints[3]),
+    );
+    let s = _mm_add_epi32(
+        _mm256_castsi256_si128(sums),
+        _mm256_extracti128_si256(sums, 1),
+    );
+    let s = _mm_add_epi32(s, _mm_shuffle_epi32::<0b01_00_11_10>(s));
+    let s = _mm_add_epi32(s, _mm_shuffle_epi32::<0b10_11_00_01>(s));
+    (d, _mm_cvtsi128_si32(s))
 }
 
 /// 2-bit block (8 bytes): byte `j` holds codes `j + 8k` in bits `2k..2k+2`. Broadcast the
@@ -327,4 +380,72 @@ pub unsafe fn tile_dots(a: &TiledFactor, t: usize, v: &[f32]) -> [f32; TILE_ROWS
     // SAFETY: `out` holds 8 floats.
     unsafe { _mm256_storeu_ps(out.as_mut_ptr(), _mm256_add_ps(acc[0], acc[1])) };
     out
+}
+
+/// The prefill tile's 16 rows over `blocks` for `T` tokens, added to `acc`
+/// (`super::prefill`): per quad of columns two registers of codes (4 per row, 8 rows each)
+/// meet each token's 4 activation bytes broadcast to every lane; the 16-bit pair sums of a
+/// block of 32 are added up in 16 bits (at most 16 products of 15·127 per lane), widened
+/// once per block and scaled with the row's group scale times the token's block scale.
+///
+/// # Safety
+/// The CPU must have AVX2, FMA and F16C; the codes must have at most 4 bits; `acts` and
+/// `acc` must hold `T` entries that agree with the tile, and `blocks` lie within it, as
+/// `super::prefill::tile_blocks` checks.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub unsafe fn tile_blocks<const T: usize>(
+    tile: &RowTile,
+    acts: &[QuantizedActivation],
+    blocks: std::ops::Range<usize>,
+    acc: &mut [[f32; GEMM_ROWS]],
+) {
+    const HALF: usize = GEMM_ROWS / 2;
+    let blocks_per_group = tile.group / BLOCK;
+    let quad_bytes = 4 * GEMM_ROWS;
+    let ones = _mm256_set1_epi16(1);
+    let codes = tile.codes.as_ptr();
+    let xs: [*const u8; T] = std::array::from_fn(|t| acts[t].codes.as_ptr().cast());
+    // SAFETY: `acc[t]` holds 16 floats.
+    let mut sums: [[__m256; T]; 2] = std::array::from_fn(|h| {
+        std::array::from_fn(|t| unsafe { _mm256_loadu_ps(acc[t].as_ptr().add(h * HALF)) })
+    });
+    for b in blocks {
+        // SAFETY: `scales` holds 16 values per group.
+        let s = unsafe {
+            let sp = tile.scales.as_ptr().add(b / blocks_per_group * GEMM_ROWS);
+            [_mm256_loadu_ps(sp), _mm256_loadu_ps(sp.add(HALF))]
+        };
+        let mut pairs = [[_mm256_setzero_si256(); T]; 2];
+        for q in 0..BLOCK / 4 {
+            let col = b * BLOCK + 4 * q;
+            // SAFETY: quad `col / 4` of the tile and 4 bytes at `col` of each activation lie
+            // within their buffers (`col + 4 ≤ cols`).
+            unsafe {
+                let quad = codes.add(col / 4 * quad_bytes);
+                let c = [
+                    _mm256_loadu_si256(quad.cast()),
+                    _mm256_loadu_si256(quad.add(32).cast()),
+                ];
+                for t in 0..T {
+                    let x = _mm256_set1_epi32(xs[t].add(col).cast::<i32>().read_unaligned());
+                    for h in 0..2 {
+                        pairs[h][t] = _mm256_add_epi16(pairs[h][t], _mm256_maddubs_epi16(c[h], x));
+                    }
+                }
+            }
+        }
+        for t in 0..T {
+            let d = _mm256_set1_ps(acts[t].scales[b]);
+            for h in 0..2 {
+                let dot = _mm256_cvtepi32_ps(_mm256_madd_epi16(pairs[h][t], ones));
+                sums[h][t] = _mm256_fmadd_ps(dot, _mm256_mul_ps(s[h], d), sums[h][t]);
+            }
+        }
+    }
+    for (t, a) in acc.iter_mut().enumerate().take(T) {
+        for (half, sum) in a.chunks_exact_mut(HALF).zip(sums) {
+            // SAFETY: `half` holds 8 floats.
+            unsafe { _mm256_storeu_ps(half.as_mut_ptr(), sum[t]) };
+        }
+    }
 }
