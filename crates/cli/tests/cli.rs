@@ -39,6 +39,8 @@ fn gptq_protocol_is_deterministic_and_reports_its_protocol() {
     assert_eq!(ja["ppl"], jb["ppl"], "two runs differ");
     assert_eq!(ja["tokens_scored"], 2047);
     assert_eq!(ja["protocol"], "gptq");
+    // Evaluation measures the weights: the exact prefill unless asked otherwise.
+    assert_eq!(ja["prefill"], "exact");
     assert_eq!(
         ja["text_sha256"],
         "6d62ef2fdd8a9e0d637bd82ae2f529a78e82a8cc7ea4aaa0baeee9c97b2caad8"
@@ -212,6 +214,8 @@ fn bench_reports_speed_and_bandwidth() {
     }
     // f32 weights: exactly 32 bits per weight in the blocks.
     assert_eq!(v["bits_per_weight"].as_f64().unwrap(), 32.0);
+    // Bench measures the fast prefill unless asked for the exact one.
+    assert_eq!(v["prefill"], "integer");
     let o = recoup(&["bench", "--model", "smollm2-135m", "--pp", "0", "--tg", "0"]);
     assert_eq!(o.status.code(), Some(1));
     assert!(stderr(&o).contains("nothing to measure"));
