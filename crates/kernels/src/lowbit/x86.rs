@@ -1,10 +1,12 @@
 //! x86-64 kernels: AVX2 + FMA + F16C, and the same loops with AVX-512 VNNI's 256-bit
 //! `vpdpbusd` for the integer dot product where the CPU has it.
 //!
-//! Each block of 32 codes is unpacked into one 256-bit register of bytes (one shift and
-//! mask per bit plane, see `recoup_formats::packed`), meets its 32 activation bytes in one
-//! integer dot product (8 lanes of i32), and is accumulated in f32 with the product of the
-//! group's and the activation block's scales. Horizontal sums happen once per row.
+//! Decode: each block of 32 codes is unpacked into one 256-bit register of bytes (one shift
+//! and mask per bit plane, see `recoup_formats::packed`), meets its 32 activation bytes in
+//! one integer dot product (8 lanes of i32), and is accumulated in f32 with the activation
+//! block's scale; the group's scale multiplies each group's sum. Horizontal sums happen once
+//! per row. Prefill's integer GEMM (`tile_blocks`, see `super::prefill`) and the activation
+//! rounding (`quantize_block`) are AVX2 only.
 
 use super::prefill::{GEMM_ROWS, RowTile};
 use super::{FactorRef, QuantizedActivation, TILE_ROWS, TiledFactor, Tiles};
