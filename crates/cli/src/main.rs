@@ -100,9 +100,9 @@ fn real_main(cli: Cli) -> Result<()> {
 /// Lets glibc's allocator keep freed blocks instead of returning them to the kernel: a
 /// forward pass allocates activation buffers of megabytes per layer, and with the default
 /// thresholds each is unmapped when freed and the next layer page-faults fresh zeroed pages
-/// (a tenth of SmolLM2's prefill; keeping them raised its pp512 from 364–393 to 440–479
-/// tokens/s). Only for the commands that run a model: `quantize` keeps the defaults, so
-/// that its peak memory stays what its live buffers need.
+/// (a tenth of SmolLM2's prefill time; keeping them halved the page faults of a 512-token
+/// bench at the same peak RSS). Only for the commands that run a model: `quantize` keeps
+/// the defaults, so that its peak memory stays what its live buffers need.
 fn keep_freed_memory() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     // SAFETY: `mallopt` only sets allocator parameters; called before any thread starts.
