@@ -75,7 +75,7 @@ pub fn main(args: Args) -> Result<()> {
             "pp": args.pp,
             "tg": args.tg,
             "pp_tokens_per_s": pp,
-            "prefill": format!("{:?}", args.kernels.options().prefill).to_lowercase(),
+            "prefill": args.kernels.options().prefill.name(),
             "tg_tokens_per_s": tg,
             "weight_bytes_per_token": weight_bytes,
             "achieved_gbps": achieved,
@@ -99,7 +99,7 @@ pub fn main(args: Args) -> Result<()> {
         weight_bytes as f64 / 1e6
     );
     if let Some(pp) = pp {
-        let prefill = format!("{:?}", args.kernels.options().prefill).to_lowercase();
+        let prefill = args.kernels.options().prefill.name();
         println!("pp{:<5} {:>9.1} tokens/s ({prefill} prefill)", args.pp, pp);
     }
     if let (Some(tg), Some(gbps)) = (tg, achieved) {

@@ -77,7 +77,7 @@ pub fn main(args: Args) -> Result<()> {
         "device": if args.device == crate::Device::Cuda { "cuda" } else { "cpu" },
         "reference_kernels": kernels.reference_kernels,
         "low_rank": format!("{:?}", kernels.options().low_rank),
-        "prefill": format!("{:?}", kernels.options().prefill),
+        "prefill": kernels.options().prefill.name(),
         "qdec": kernels.qdec_record(),
     });
     let (from, earlier_seconds) = match &args.state {
@@ -148,7 +148,7 @@ pub fn main(args: Args) -> Result<()> {
     // A continued run reports the time and throughput of all its parts together.
     let secs = earlier_seconds + start.elapsed().as_secs_f64();
     let processed = result.windows * result.ctx;
-    let prefill = format!("{:?}", kernels.options().prefill).to_lowercase();
+    let prefill = kernels.options().prefill.name();
     if args.json {
         let mut v = serde_json::to_value(&result)?;
         v["text"] = text_path.display().to_string().into();

@@ -117,6 +117,16 @@ pub enum Prefill {
     Exact,
 }
 
+impl Prefill {
+    /// The name `--prefill` takes and reports print.
+    pub fn name(self) -> &'static str {
+        match self {
+            Prefill::Integer => "integer",
+            Prefill::Exact => "exact",
+        }
+    }
+}
+
 /// What a layer with a low-rank branch does with it at run time.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum LowRankPath {

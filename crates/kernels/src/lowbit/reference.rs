@@ -19,9 +19,10 @@ pub fn quantize_block(x: &[f32], codes: &mut [i8]) -> (f32, i32) {
     (d, sum)
 }
 
-/// `v.round()` without the library call `round` compiles to where the target has no
-/// SSE4.1: truncate, and step away from zero when the dropped fraction is at least a half
-/// (exact: `v − trunc(v)` is representable for |v| < 2²³).
+/// `v.round()` (half away from zero) without calling libm's `roundf`, which is what
+/// `f32::round` becomes on targets without SSE4.1: truncate, and step away from zero when the
+/// dropped fraction is at least a half (exact: `v − trunc(v)` is representable for
+/// |v| < 2²³).
 pub fn round_half_away(v: f32) -> i32 {
     let t = v as i32;
     let frac = v - t as f32;
