@@ -136,8 +136,12 @@ impl HfDir {
     }
 
     /// Every packed layer's codes (`*.qweight`, what a decode step streams) copied into one
-    /// huge-page arena on first use, so the page-cache mapping is read once.
-    pub fn packed_codes(&self) -> Result<&HugePageArena> {
+    /// huge-page arena on first use by `copy(name, src, dst)`, so the page-cache mapping is
+    /// read once (the first caller's `copy` lays out every part).
+    pub fn packed_codes(
+        &self,
+        copy: impl Fn(&str, &[u8], &mut [u8]),
+    ) -> Result<&HugePageArena> {
         if let Some(arena) = self.packed_codes.get() {
             return Ok(arena);
         }
@@ -149,7 +153,7 @@ impl HfDir {
                 let (_, _, bytes) = self.raw(n).expect("listed names exist");
                 (n.clone(), bytes)
             });
-        let arena = HugePageArena::gather(parts, &self.dir.display().to_string())?;
+        let arena = HugePageArena::gather_with(parts, &self.dir.display().to_string(), copy)?;
         Ok(self.packed_codes.get_or_init(|| arena))
     }
 

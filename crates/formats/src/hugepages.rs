@@ -24,6 +24,16 @@ impl HugePageArena {
         parts: impl IntoIterator<Item = (String, &'a [u8])>,
         what: &str,
     ) -> Result<Self> {
+        Self::gather_with(parts, what, |_, src, dst| dst.copy_from_slice(src))
+    }
+
+    /// [`Self::gather`] with `copy(name, src, dst)` writing each part (of its length) into
+    /// the mapping: a loader lays the bytes out as its kernels read them on the way.
+    pub fn gather_with<'a>(
+        parts: impl IntoIterator<Item = (String, &'a [u8])>,
+        what: &str,
+        copy: impl Fn(&str, &[u8], &mut [u8]),
+    ) -> Result<Self> {
         let parts: Vec<(String, &[u8])> = parts.into_iter().collect();
         let mut ranges = HashMap::new();
         let mut total = 0;
@@ -37,7 +47,7 @@ impl HugePageArena {
         // Only a hint: without transparent huge pages the buffer works all the same.
         let _ = buf.advise(memmap2::Advice::HugePage);
         for (name, bytes) in &parts {
-            buf[ranges[name].clone()].copy_from_slice(bytes);
+            copy(name, bytes, &mut buf[ranges[name].clone()]);
         }
         let buf = Arc::new(
             buf.make_read_only()

@@ -222,7 +222,7 @@ pub fn packed_tensors(prefix: &str, p: &PackedLinear) -> Vec<(String, StoredTens
             StoredTensor::owned(
                 Dtype::U8,
                 vec![m.rows, m.spec.row_bytes(m.cols)],
-                m.codes.to_vec(),
+                m.row_major_codes(),
             ),
         ),
         (
@@ -297,6 +297,20 @@ fn f16_values(b: &[u8]) -> Vec<f16> {
         .collect()
 }
 
+/// Copies a stored `*.qweight` (row-major) into the loader's arena in the tiled layout of
+/// `PackedMatrix`. Bytes that do not match their layer's metadata are copied as they are:
+/// [`read_packed`] refuses that layer with a clear error before anything reads them.
+fn tile_qweight(meta: &CheckpointMeta, name: &str, src: &[u8], dst: &mut [u8]) {
+    let layer = name.strip_suffix(".qweight").and_then(|p| meta.layers.get(p));
+    let spec = layer.and_then(|l| GridSpec::new(l.bits, l.group, l.sym).ok());
+    match (layer, spec) {
+        (Some(l), Some(spec)) if src.len() == l.rows * spec.row_bytes(l.cols) => {
+            spec.tile_codes(l.rows, l.cols, src, dst)
+        }
+        _ => dst.copy_from_slice(src),
+    }
+}
+
 /// Reads the packed linear `prefix` of a recoup checkpoint; `None` if it is stored dense.
 pub fn read_packed(dir: &HfDir, prefix: &str) -> Result<Option<PackedLinear>> {
     let qweight = format!("{prefix}.qweight");
@@ -328,7 +342,7 @@ pub fn read_packed(dir: &HfDir, prefix: &str) -> Result<Option<PackedLinear>> {
     // Checked here for a clear error; the bytes come from the arena of every layer's codes.
     part("qweight", Dtype::U8, &[rows, spec.row_bytes(cols)])?;
     let codes = dir
-        .packed_codes()?
+        .packed_codes(|name, src, dst| tile_qweight(&meta, name, src, dst))?
         .get(&qweight)
         .expect("the arena holds every qweight");
     let scales = f16_values(part("scales", Dtype::F16, &[rows, groups])?);
@@ -337,7 +351,7 @@ pub fn read_packed(dir: &HfDir, prefix: &str) -> Result<Option<PackedLinear>> {
     } else {
         part("zeros", Dtype::U8, &[rows, groups])?.to_vec()
     };
-    let matrix = PackedMatrix::new(
+    let matrix = PackedMatrix::from_tiled(
         spec,
         rows,
         cols,

@@ -5,6 +5,14 @@
 //! SIMD kernel recovers 8, 16 or 32 consecutive codes with one shift and mask, and no value
 //! straddles a byte (3-bit is a 2-bit plane plus a 1-bit plane, as ggml's Q3_K does).
 //! A dequantized weight is `scale · (code − zero)`; symmetric grids use `zero = 2^(bits−1)`.
+//!
+//! Files store the codes row by row ([`GridSpec::pack_row`]). In memory, a matrix keeps them
+//! in tiles of [`TILE_ROWS`] rows (see [`GridSpec::tile_codes`]), the layout the decode
+//! kernels stream: one 32-byte register then holds 4 consecutive codes of each of 8 rows,
+//! so a product with an activation's 4 bytes (broadcast to every lane) leaves one row's
+//! sum in each lane, with no horizontal sums and one activation load shared by 8 rows. This
+//! is llama.cpp's repacked Q4_0×8 idea; on a 2-core AMD EPYC (AVX2) the row-major kernel
+//! was bound by its instructions, not by memory (the 3-bit one slower than the 4-bit one).
 
 use crate::hugepages::SharedBytes;
 use anyhow::{Result, bail};
@@ -175,16 +183,137 @@ impl GridSpec {
     pub fn row_bytes(&self, cols: usize) -> usize {
         cols / BLOCK * self.block_bytes()
     }
+
+    /// Bytes of one tile block: [`TILE_ROWS`] rows × [`BLOCK`] columns.
+    pub fn tile_block_bytes(&self) -> usize {
+        TILE_ROWS * self.block_bytes()
+    }
+
+    /// Code `(lane, i)` of a tile block ([`tile_code`]).
+    pub fn tile_code(&self, block: &[u8], lane: usize, i: usize) -> u8 {
+        match self.bits {
+            2 => tile_code::<2>(block, lane, i),
+            3 => tile_code::<3>(block, lane, i),
+            4 => tile_code::<4>(block, lane, i),
+            _ => tile_code::<8>(block, lane, i),
+        }
+    }
+
+    /// Quad `j` of a tile block as 32 bytes, `out[lane·4 + c]` = code `(lane, 4j + c)`: the
+    /// register the decode kernels build, for kernels that keep codes unpacked.
+    pub fn unpack_tile_quad(&self, block: &[u8], j: usize, out: &mut [u8]) {
+        fn quad<const BITS: u32>(block: &[u8], j: usize, out: &mut [u8]) {
+            for (at, o) in out[..32].iter_mut().enumerate() {
+                *o = tile_code::<BITS>(block, at / 4, 4 * j + at % 4);
+            }
+        }
+        match self.bits {
+            2 => quad::<2>(block, j, out),
+            3 => quad::<3>(block, j, out),
+            4 => quad::<4>(block, j, out),
+            _ => quad::<8>(block, j, out),
+        }
+    }
+
+    /// Sets code `(lane, i)` of a tile block whose bits for it are still zero.
+    fn set_tile_code(&self, block: &mut [u8], lane: usize, i: usize, code: u8) {
+        let (j, at) = (i / 4, lane * 4 + i % 4);
+        match self.bits {
+            2 | 3 => {
+                block[(j / 4) * 32 + at] |= (code & 3) << (2 * (j % 4));
+                if self.bits == 3 {
+                    block[64 + at] |= ((code >> 2) & 1) << j;
+                }
+            }
+            4 => block[(j / 2) * 32 + at] |= (code & 15) << (4 * (j % 2)),
+            _ => block[j * 32 + at] = code,
+        }
+    }
+
+    /// Rows `[rows, cols]` of row-major packed codes (`src`, as files store them) into the
+    /// tiled layout (`out`, the same length): tile `t` (rows `8t..8t + 8`) is
+    /// `cols / 32` tile blocks of [`Self::tile_block_bytes`], block by block; the rows after
+    /// the last whole tile stay row-major after the tiles.
+    pub fn tile_codes(&self, rows: usize, cols: usize, src: &[u8], out: &mut [u8]) {
+        let rb = self.row_bytes(cols);
+        assert!(src.len() == rows * rb && out.len() == src.len(), "tile_codes sizes");
+        let tiled = rows / TILE_ROWS * TILE_ROWS;
+        let mut codes = vec![0u8; cols];
+        let tbb = self.tile_block_bytes();
+        out[..tiled * rb].fill(0);
+        for r in 0..tiled {
+            self.unpack_row(&src[r * rb..(r + 1) * rb], &mut codes);
+            let tile = &mut out[r / TILE_ROWS * TILE_ROWS * rb..][..TILE_ROWS * rb];
+            for (b, block) in tile.chunks_exact_mut(tbb).enumerate() {
+                for i in 0..BLOCK {
+                    self.set_tile_code(block, r % TILE_ROWS, i, codes[b * BLOCK + i]);
+                }
+            }
+        }
+        out[tiled * rb..].copy_from_slice(&src[tiled * rb..]);
+    }
+
+    /// Codes of row `r` of a tiled `[rows, cols]` matrix's bytes.
+    fn tiled_row_codes(&self, bytes: &[u8], rows: usize, cols: usize, r: usize, codes: &mut [u8]) {
+        let rb = self.row_bytes(cols);
+        let tiled = rows / TILE_ROWS * TILE_ROWS;
+        if r >= tiled {
+            return self.unpack_row(&bytes[r * rb..(r + 1) * rb], codes);
+        }
+        let tile = &bytes[r / TILE_ROWS * TILE_ROWS * rb..][..TILE_ROWS * rb];
+        let lane = r % TILE_ROWS;
+        // One match per row, not per code: this feeds every dequantization.
+        fn each<const BITS: u32>(tile: &[u8], tbb: usize, lane: usize, codes: &mut [u8]) {
+            for (block, c) in tile.chunks_exact(tbb).zip(codes.chunks_exact_mut(BLOCK)) {
+                for (i, c) in c.iter_mut().enumerate() {
+                    *c = tile_code::<BITS>(block, lane, i);
+                }
+            }
+        }
+        let tbb = self.tile_block_bytes();
+        match self.bits {
+            2 => each::<2>(tile, tbb, lane, codes),
+            3 => each::<3>(tile, tbb, lane, codes),
+            4 => each::<4>(tile, tbb, lane, codes),
+            _ => each::<8>(tile, tbb, lane, codes),
+        }
+    }
 }
 
-/// A quantized `[rows, cols]` weight: packed codes, f16 scales and u8 zero points, each
-/// row-major with one entry per (row, group).
+/// Rows of a tile of codes in memory (module docs).
+pub const TILE_ROWS: usize = 8;
+
+/// Code `(lane, i)` (row `lane` of the tile, column `i < 32` of the block) of a tile
+/// block. With `at = lane·4 + i % 4` and `j = i / 4` (the column quad), byte `at` of
+/// 32-byte plane `p` holds, per bit width:
+/// - 8-bit: plane `j`, the code;
+/// - 4-bit: plane `j / 2`, nibble `j % 2`;
+/// - 2-bit: plane `j / 4`, bit pair `j % 4`;
+/// - 3-bit: the low two bits as 2-bit (planes 0–1), then plane 2 holds the high bit of
+///   quad `j` in bit `j`.
+///
+/// So one plane, shifted and masked, is a register of 8 rows × 4 columns of codes.
+#[inline]
+pub fn tile_code<const BITS: u32>(block: &[u8], lane: usize, i: usize) -> u8 {
+    let (j, at) = (i / 4, lane * 4 + i % 4);
+    let pair = || (block[(j / 4) * 32 + at] >> (2 * (j % 4))) & 3;
+    match BITS {
+        2 => pair(),
+        3 => pair() | ((block[64 + at] >> j) & 1) << 2,
+        4 => (block[(j / 2) * 32 + at] >> (4 * (j % 2))) & 15,
+        _ => block[j * 32 + at],
+    }
+}
+
+/// A quantized `[rows, cols]` weight: packed codes, f16 scales and u8 zero points, the
+/// latter two row-major with one entry per (row, group).
 #[derive(Clone, Debug, PartialEq)]
 pub struct PackedMatrix {
     pub spec: GridSpec,
     pub rows: usize,
     pub cols: usize,
-    /// On the heap after quantizing, in the model's huge-page arena after loading.
+    /// Tiled ([`GridSpec::tile_codes`]); on the heap after quantizing, in the model's
+    /// huge-page arena after loading.
     pub codes: SharedBytes,
     pub scales: Vec<f16>,
     /// Empty for symmetric grids.
@@ -192,17 +321,36 @@ pub struct PackedMatrix {
 }
 
 impl PackedMatrix {
-    /// Checks that the parts agree with the shape and grid; `what` names the tensor in errors.
+    /// A matrix from row-major packed codes (as [`GridSpec::pack_row`] writes them), tiled
+    /// here; checks that the parts agree with the shape and grid (`what` names the tensor
+    /// in errors).
     pub fn new(
         spec: GridSpec,
         rows: usize,
         cols: usize,
-        codes: impl Into<SharedBytes>,
+        row_major: Vec<u8>,
         scales: Vec<f16>,
         zeros: Vec<u8>,
         what: &str,
     ) -> Result<Self> {
-        let codes = codes.into();
+        let mut m = Self::from_tiled(spec, rows, cols, row_major.into(), scales, zeros, what)?;
+        let mut tiled = vec![0u8; m.codes.len()];
+        spec.tile_codes(rows, cols, &m.codes, &mut tiled);
+        m.codes = tiled.into();
+        Ok(m)
+    }
+
+    /// A matrix whose codes are already tiled (a loader tiles them while copying them into
+    /// its arena); the same checks as [`Self::new`].
+    pub fn from_tiled(
+        spec: GridSpec,
+        rows: usize,
+        cols: usize,
+        codes: SharedBytes,
+        scales: Vec<f16>,
+        zeros: Vec<u8>,
+        what: &str,
+    ) -> Result<Self> {
         if !cols.is_multiple_of(BLOCK) {
             bail!("{what}: {cols} columns are not a multiple of {BLOCK}");
         }
@@ -252,9 +400,20 @@ impl PackedMatrix {
 
     /// Codes of one row.
     pub fn row_codes(&self, row: usize, codes: &mut [u8]) {
-        let rb = self.spec.row_bytes(self.cols);
         self.spec
-            .unpack_row(&self.codes[row * rb..(row + 1) * rb], codes);
+            .tiled_row_codes(&self.codes, self.rows, self.cols, row, codes);
+    }
+
+    /// The codes row-major, as files store them.
+    pub fn row_major_codes(&self) -> Vec<u8> {
+        let rb = self.spec.row_bytes(self.cols);
+        let mut out = vec![0u8; self.rows * rb];
+        let mut codes = vec![0u8; self.cols];
+        for (r, row) in out.chunks_exact_mut(rb).enumerate() {
+            self.row_codes(r, &mut codes);
+            self.spec.pack_row(&codes, row);
+        }
+        out
     }
 
     /// Scalar reference dequantization of one row into `out[..cols]`.
@@ -503,6 +662,37 @@ mod tests {
             let mut back = vec![0u8; 256];
             spec.unpack_row(&packed, &mut back);
             assert_eq!(back, c, "{bits}-bit");
+        }
+    }
+
+    #[test]
+    fn tiles_round_trip_and_put_four_columns_of_eight_rows_in_a_plane() {
+        for bits in [2, 3, 4, 8] {
+            let spec = GridSpec::new(bits, 32, true).unwrap();
+            // 19 rows: two whole tiles and 3 rows left row-major.
+            let (rows, cols) = (19, 64);
+            let c = codes(u64::from(bits) + 7, rows * cols, bits);
+            let mut packed = vec![0u8; rows * spec.row_bytes(cols)];
+            for (c, p) in c.chunks(cols).zip(packed.chunks_mut(spec.row_bytes(cols))) {
+                spec.pack_row(c, p);
+            }
+            let groups = rows * 2;
+            let m = PackedMatrix::new(spec, rows, cols, packed.clone(), vec![f16::ONE; groups], vec![], "t")
+                .unwrap();
+            assert_ne!(&m.codes[..], &packed[..], "{bits}-bit: tiled differs");
+            assert_eq!(m.row_major_codes(), packed, "{bits}-bit round trip");
+            let mut row = vec![0u8; cols];
+            for r in 0..rows {
+                m.row_codes(r, &mut row);
+                assert_eq!(row, c[r * cols..(r + 1) * cols], "{bits}-bit row {r}");
+            }
+            // Tile 1, block 1, row 5, column 4·3 + 2 = 14: plane byte 5·4 + 2.
+            let block = &m.codes[(8 * spec.row_bytes(cols)) + spec.tile_block_bytes()..];
+            let want = c[13 * cols + 32 + 14];
+            assert_eq!(spec.tile_code(block, 5, 14), want, "{bits}-bit tile code");
+            if bits == 8 {
+                assert_eq!(block[3 * 32 + 5 * 4 + 2], want);
+            }
         }
     }
 

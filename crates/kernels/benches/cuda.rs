@@ -52,7 +52,7 @@ fn random_layer(gpu: &Gpu, rng: &mut StdRng, bits: u32, rows: usize, cols: usize
             .collect()
     };
     let u8s = vec![
-        gpu.upload(&m.codes[..]).unwrap(),
+        gpu.upload(&m.row_major_codes()).unwrap(),
         gpu.upload(&m.zeros).unwrap(),
     ];
     let u16s = vec![

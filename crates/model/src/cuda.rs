@@ -106,7 +106,8 @@ impl GpuLinear {
                     rows,
                     cols,
                     group: m.spec.group,
-                    codes: keep.put(gpu, &m.codes)?,
+                    // The GPU kernels read the codes row-major, as files store them.
+                    codes: keep.put(gpu, &m.row_major_codes())?,
                     scales: keep.put(gpu, &f16_bits(&m.scales))?,
                     zeros: if m.spec.sym {
                         0

@@ -21,7 +21,7 @@
 use super::{Isa, QuantizedActivation, reference};
 use crate::SharedMut;
 use rayon::prelude::*;
-use recoup_formats::packed::{BLOCK, PackedMatrix};
+use recoup_formats::packed::{BLOCK, PackedMatrix, TILE_ROWS};
 
 /// Rows of a tile: two registers of 8 lanes, so that each broadcast of a token's 4 bytes
 /// (a shuffle, the scarce operation here) serves two `vpmaddubsw`.
@@ -60,13 +60,36 @@ impl RowTile {
         self.zero_terms.clear();
         self.zero_terms.resize(gpr * GEMM_ROWS, 0.0);
         row.resize(cols, 0);
-        for lane in 0..GEMM_ROWS.min(m.rows.saturating_sub(r0)) {
+        let lanes = GEMM_ROWS.min(m.rows.saturating_sub(r0));
+        // Whole tiles of the matrix's layout are unpacked a quad at a time (8 rows × 4
+        // codes, the bytes a quad of this tile holds for 8 of its rows); other rows one by one.
+        let whole_tiles = m.rows / TILE_ROWS * TILE_ROWS;
+        let tbb = m.spec.tile_block_bytes();
+        let rb = m.spec.row_bytes(cols);
+        let mut lane = 0;
+        while lane < lanes {
             let r = r0 + lane;
-            m.row_codes(r, row);
-            for (q, quad) in row.chunks_exact(4).enumerate() {
-                let at = q * 4 * GEMM_ROWS + lane * 4;
-                self.codes[at..at + 4].copy_from_slice(quad);
+            if r.is_multiple_of(TILE_ROWS) && r + TILE_ROWS <= whole_tiles.min(r0 + lanes) {
+                let tile = &m.codes[r * rb..(r + TILE_ROWS) * rb];
+                for (b, block) in tile.chunks_exact(tbb).enumerate() {
+                    for j in 0..BLOCK / 4 {
+                        let at = (b * BLOCK / 4 + j) * 4 * GEMM_ROWS + lane * 4;
+                        m.spec
+                            .unpack_tile_quad(block, j, &mut self.codes[at..at + 4 * TILE_ROWS]);
+                    }
+                }
+                lane += TILE_ROWS;
+            } else {
+                m.row_codes(r, row);
+                for (q, quad) in row.chunks_exact(4).enumerate() {
+                    let at = q * 4 * GEMM_ROWS + lane * 4;
+                    self.codes[at..at + 4].copy_from_slice(quad);
+                }
+                lane += 1;
             }
+        }
+        for lane in 0..lanes {
+            let r = r0 + lane;
             for g in 0..gpr {
                 let s = m.scales[r * gpr + g].to_f32();
                 self.scales[g * GEMM_ROWS + lane] = s;

@@ -1,17 +1,18 @@
 //! x86-64 kernels: AVX2 + FMA + F16C, and the same loops with AVX-512 VNNI's 256-bit
 //! `vpdpbusd` for the integer dot product where the CPU has it.
 //!
-//! Decode: each block of 32 codes is unpacked into one 256-bit register of bytes (one shift
-//! and mask per bit plane, see `recoup_formats::packed`), meets its 32 activation bytes in
-//! one integer dot product (8 lanes of i32), and is accumulated in f32 with the activation
-//! block's scale; the group's scale multiplies each group's sum. Horizontal sums happen once
-//! per row. Prefill's integer GEMM (`tile_blocks`, see `super::prefill`) and the activation
+//! Decode: the codes are tiled by 8 rows (`recoup_formats::packed`): each quad of a block's
+//! columns is one register of 8 rows × 4 codes (a shift and a mask of a plane), meeting the
+//! activation's 4 bytes broadcast to every lane in one integer dot product that leaves each
+//! row's sum in its own lane. A block's 8 quads are summed in integers, converted once and
+//! accumulated in f32 with the activation block's scale; the group's scales (8 rows') then
+//! multiply each group's sum. Prefill's integer GEMM (`tile_blocks`, see `super::prefill`) and the activation
 //! rounding (`quantize_block`) are AVX2 only.
 
 use super::prefill::{GEMM_ROWS, RowTile};
 use super::{FactorRef, QuantizedActivation, TILE_ROWS, TiledFactor, Tiles};
 use core::arch::x86_64::*;
-use recoup_formats::packed::{BLOCK, PackedMatrix};
+use recoup_formats::packed::{BLOCK, PackedMatrix, TILE_ROWS as ROW_TILE};
 
 pub fn has_avx2() -> bool {
     is_x86_feature_detected!("avx2")
@@ -30,13 +31,6 @@ fn hsum(v: __m256) -> f32 {
     let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
     let s = _mm_add_ss(s, _mm_movehdup_ps(s));
     _mm_cvtss_f32(s)
-}
-
-/// One f16 to f32 with F16C (`half`'s conversion checks the CPU on every call).
-#[inline]
-#[target_feature(enable = "avx2,fma,f16c")]
-fn f16_to_f32(h: half::f16) -> f32 {
-    _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(i32::from(h.to_bits()))))
 }
 
 /// `super::reference::quantize_block` for one block of 32, vectorized with the same
@@ -91,107 +85,118 @@ pub unsafe fn quantize_block(x: &[f32], codes: &mut [i8]) -> (f32, i32) {
     (d, _mm_cvtsi128_si32(s))
 }
 
-/// 2-bit block (8 bytes): byte `j` holds codes `j + 8k` in bits `2k..2k+2`. Broadcast the
-/// 8 bytes to the four 64-bit lanes and shift lane `k` right by `2k`.
+/// The codes of quad `j` (columns `4j..4j + 4`) of a tile block's 8 rows, one row per
+/// 32-bit lane (`GridSpec::tile_code` gives the layout): a shift and a mask of one plane.
 #[inline]
 #[target_feature(enable = "avx2,fma")]
-unsafe fn unpack2(p: *const u8) -> __m256i {
-    // SAFETY: the caller points `p` at a whole block.
-    let bytes = unsafe { p.cast::<i64>().read_unaligned() };
-    let shifted = _mm256_srlv_epi64(_mm256_set1_epi64x(bytes), _mm256_set_epi64x(6, 4, 2, 0));
-    _mm256_and_si256(shifted, _mm256_set1_epi8(3))
-}
-
-/// 3-bit block (12 bytes): the 2-bit plane, then a 32-bit mask of the high bits, spread to
-/// one byte per code by a byte shuffle and a compare against each byte's bit.
-#[inline]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn unpack3(p: *const u8) -> __m256i {
-    // SAFETY: the caller points `p` at a whole block.
-    let (low, mask) = unsafe { (unpack2(p), p.add(8).cast::<i32>().read_unaligned()) };
-    let spread = _mm256_shuffle_epi8(
-        _mm256_set1_epi32(mask),
-        _mm256_setr_epi8(
-            0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1, 2, 2, 2, 2, 2, 2, 2, 2, 3, 3, 3, 3, 3,
-            3, 3, 3,
-        ),
-    );
-    let bit = _mm256_set1_epi64x(0x8040_2010_0804_0201_u64 as i64);
-    let high = _mm256_cmpeq_epi8(_mm256_and_si256(spread, bit), bit);
-    _mm256_or_si256(low, _mm256_and_si256(high, _mm256_set1_epi8(4)))
-}
-
-/// 4-bit block (16 bytes): low nibbles are codes 0–15, high nibbles codes 16–31.
-#[inline]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn unpack4(p: *const u8) -> __m256i {
-    // SAFETY: the caller points `p` at a whole block.
-    let v = unsafe { _mm_loadu_si128(p.cast()) };
-    _mm256_and_si256(
-        _mm256_set_m128i(_mm_srli_epi16(v, 4), v),
-        _mm256_set1_epi8(0x0F),
-    )
-}
-
-#[inline]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn unpack<const BITS: u32>(p: *const u8) -> __m256i {
-    // SAFETY: forwarded from the caller.
-    unsafe {
-        match BITS {
-            2 => unpack2(p),
-            3 => unpack3(p),
-            4 => unpack4(p),
-            _ => _mm256_loadu_si256(p.cast()),
+unsafe fn tile_quad<const BITS: u32>(block: *const u8, j: usize) -> __m256i {
+    // SAFETY: the caller points `block` at a whole tile block.
+    let plane = |p: usize| unsafe { _mm256_loadu_si256(block.add(32 * p).cast()) };
+    // Shifts by a runtime count (`vpsrlw xmm`), the same in every lane; the masks keep each
+    // byte's own bits.
+    let shr = |v: __m256i, n: usize| _mm256_srl_epi16(v, _mm_cvtsi64_si128(n as i64));
+    match BITS {
+        2 => _mm256_and_si256(shr(plane(j / 4), 2 * (j % 4)), _mm256_set1_epi8(3)),
+        3 => {
+            let low = _mm256_and_si256(shr(plane(j / 4), 2 * (j % 4)), _mm256_set1_epi8(3));
+            // The high bit of quad `j` is bit `j` of plane 2; moved to bit 2.
+            let h = plane(2);
+            let h = if j < 2 {
+                _mm256_sll_epi16(h, _mm_cvtsi64_si128((2 - j) as i64))
+            } else {
+                shr(h, j - 2)
+            };
+            _mm256_or_si256(low, _mm256_and_si256(h, _mm256_set1_epi8(4)))
         }
+        4 => _mm256_and_si256(shr(plane(j / 2), 4 * (j % 2)), _mm256_set1_epi8(15)),
+        _ => plane(j),
     }
 }
 
-/// `Σ (q − offset)·x` in 8 lanes with `vpmaddubsw`, whose i16 pair sums saturate: codes of
-/// up to 4 bits are safe as they are (15·127·2 < 2¹⁵); 8-bit codes are first shifted to
-/// signed (`offset` 128) and multiplied by magnitude and moved sign.
+/// `vpmaddubsw` accumulation of one quad into `acc`: codes of up to 4 bits keep 16-bit
+/// pair sums for a whole block (8 quads of pairs of at most 15·127 each fit in an i16);
+/// 8-bit codes are shifted to signed (`OFFSET8`), multiplied by magnitude and moved sign,
+/// and widened to i32 every quad.
 #[inline]
 #[target_feature(enable = "avx2,fma")]
-fn dot_maddubs<const BITS: u32>(q: __m256i, x: __m256i) -> __m256i {
-    let ones = _mm256_set1_epi16(1);
+fn acc_maddubs<const BITS: u32>(acc: __m256i, q: __m256i, x: __m256i) -> __m256i {
     if BITS == 8 {
         let a = _mm256_xor_si256(q, _mm256_set1_epi8(i8::MIN));
         let pairs = _mm256_maddubs_epi16(_mm256_sign_epi8(a, a), _mm256_sign_epi8(x, a));
-        _mm256_madd_epi16(pairs, ones)
+        _mm256_add_epi32(acc, _mm256_madd_epi16(pairs, _mm256_set1_epi16(1)))
     } else {
-        _mm256_madd_epi16(_mm256_maddubs_epi16(q, x), ones)
+        _mm256_add_epi16(acc, _mm256_maddubs_epi16(q, x))
     }
 }
 
-/// `Σ q·x` in 8 lanes with one `vpdpbusd` (no saturation, no offset); generic over the
-/// bit width only to share `packed_rows_with!` with [`dot_maddubs`].
-#[inline]
-#[target_feature(enable = "avx2,fma,avx512vnni,avx512vl")]
-fn dot_vnni<const BITS: u32>(q: __m256i, x: __m256i) -> __m256i {
-    _mm256_dpbusd_epi32(_mm256_setzero_si256(), q, x)
-}
-
-/// Rows ahead whose codes are requested while a row is computed: one row stream per
-/// thread is latency-bound on its own (decode reached a third of the streaming bandwidth
-/// with the loads of the codes the hottest instructions).
-const PREFETCH_ROWS: usize = 2;
-
-/// Asks for the cache lines of `bytes` bytes from `p` that lie before `end`.
+/// The block's 8 row sums (i32 lanes) from [`acc_maddubs`]'s accumulator.
 #[inline]
 #[target_feature(enable = "avx2,fma")]
-fn prefetch(p: *const u8, bytes: usize, end: *const u8) {
-    let mut line = p;
-    while line < end && line < p.wrapping_add(bytes) {
-        // A hint that never faults; the address stays inside the codes anyway.
-        _mm_prefetch::<_MM_HINT_T0>(line.cast());
-        line = line.wrapping_add(64);
+fn finish_maddubs<const BITS: u32>(acc: __m256i) -> __m256i {
+    if BITS == 8 {
+        acc
+    } else {
+        _mm256_madd_epi16(acc, _mm256_set1_epi16(1))
     }
 }
 
-/// The row loop, once per dot-product flavour: `$offset8` is what `$dot` subtracts from
-/// 8-bit codes, folded into the zero point.
+/// `Σ q·x` into i32 lanes with one `vpdpbusd` (no saturation, no offset); generic over the
+/// bit width only to share `packed_rows_with!` with [`acc_maddubs`].
+#[inline]
+#[target_feature(enable = "avx2,fma,avx512vnni,avx512vl")]
+fn acc_vnni<const BITS: u32>(acc: __m256i, q: __m256i, x: __m256i) -> __m256i {
+    _mm256_dpbusd_epi32(acc, q, x)
+}
+
+#[inline]
+#[target_feature(enable = "avx2,fma,avx512vnni,avx512vl")]
+fn finish_vnni<const BITS: u32>(acc: __m256i) -> __m256i {
+    acc
+}
+
+/// Eight f16 values `base[k·stride]` as f32 (one group's scales of a tile's rows).
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn gather_f16(base: *const half::f16, stride: usize) -> __m256 {
+    // SAFETY: the caller bounds the 8 reads.
+    let h = |k: usize| unsafe { (*base.add(k * stride)).to_bits() as i16 };
+    _mm256_cvtph_ps(_mm_setr_epi16(
+        h(0),
+        h(1),
+        h(2),
+        h(3),
+        h(4),
+        h(5),
+        h(6),
+        h(7),
+    ))
+}
+
+/// Eight u8 values `base[k·stride]` as f32 (one group's zero points of a tile's rows).
+#[inline]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn gather_u8(base: *const u8, stride: usize) -> __m256 {
+    // SAFETY: the caller bounds the 8 reads.
+    let z = |k: usize| unsafe { i32::from(*base.add(k * stride)) };
+    _mm256_cvtepi32_ps(_mm256_setr_epi32(
+        z(0),
+        z(1),
+        z(2),
+        z(3),
+        z(4),
+        z(5),
+        z(6),
+        z(7),
+    ))
+}
+
+/// The decode kernel, once per dot-product flavour: whole tiles of 8 rows, each lane one
+/// row, so the activation's quads, block scales and group sums are loaded once per 8 rows
+/// and no horizontal sum is needed. `$offset8` is what `$acc` subtracts from 8-bit codes,
+/// folded into the zero point. Rows outside whole tiles (a matrix whose rows are not a
+/// multiple of 8) go to the scalar twin.
 macro_rules! packed_rows_with {
-    ($name:ident, $features:literal, $dot:ident, $offset8:expr) => {
+    ($name:ident, $features:literal, $acc:ident, $finish:ident, $offset8:expr) => {
         /// # Safety
         /// The CPU must have the enabled features; `m`, `act`, `group_sums` and `y` must
         /// agree as `super::packed_rows` checks.
@@ -203,6 +208,57 @@ macro_rules! packed_rows_with {
             r0: usize,
             y: &mut [f32],
         ) {
+            /// The 8 outputs of tile `t`.
+            #[target_feature(enable = $features)]
+            unsafe fn tile<const BITS: u32>(
+                m: &PackedMatrix,
+                act: &QuantizedActivation,
+                group_sums: &[f32],
+                t: usize,
+            ) -> [f32; ROW_TILE] {
+                let blocks = m.cols / BLOCK;
+                let tbb = m.spec.tile_block_bytes();
+                let gpr = m.groups_per_row();
+                let blocks_per_group = m.spec.group / BLOCK;
+                let offset = if BITS == 8 { $offset8 } else { 0.0 };
+                let sym_zero = _mm256_set1_ps(f32::from(m.spec.sym_zero()) - offset);
+                // SAFETY (every read below): tile `t` is whole, so its bytes, its rows'
+                // scales and zeros lie within the matrix; the activation holds `cols` codes
+                // and a scale per block, `group_sums` a sum per group.
+                let codes = unsafe { m.codes.as_ptr().add(t * blocks * tbb) };
+                let first = t * ROW_TILE * gpr;
+                let (mut acc, mut zero_term) = (_mm256_setzero_ps(), _mm256_setzero_ps());
+                for (g, &sum) in group_sums.iter().enumerate() {
+                    let (b0, b1) = (g * blocks_per_group, ((g + 1) * blocks_per_group).min(blocks));
+                    let mut group = _mm256_setzero_ps();
+                    for b in b0..b1 {
+                        let block = unsafe { codes.add(b * tbb) };
+                        let x = unsafe { act.codes.as_ptr().add(b * BLOCK) };
+                        let mut isum = _mm256_setzero_si256();
+                        for j in 0..BLOCK / 4 {
+                            let xq = _mm256_set1_epi32(unsafe {
+                                x.add(4 * j).cast::<i32>().read_unaligned()
+                            });
+                            isum = $acc::<BITS>(isum, unsafe { tile_quad::<BITS>(block, j) }, xq);
+                        }
+                        let d = unsafe { _mm256_broadcast_ss(&*act.scales.as_ptr().add(b)) };
+                        group = _mm256_fmadd_ps(_mm256_cvtepi32_ps($finish::<BITS>(isum)), d, group);
+                    }
+                    let s = unsafe { gather_f16(m.scales.as_ptr().add(first + g), gpr) };
+                    let z = if m.spec.sym {
+                        sym_zero
+                    } else {
+                        let z = unsafe { gather_u8(m.zeros.as_ptr().add(first + g), gpr) };
+                        _mm256_sub_ps(z, _mm256_set1_ps(offset))
+                    };
+                    acc = _mm256_fmadd_ps(group, s, acc);
+                    zero_term = _mm256_fmadd_ps(_mm256_mul_ps(s, z), _mm256_set1_ps(sum), zero_term);
+                }
+                let mut out = [0f32; ROW_TILE];
+                // SAFETY: 8 floats.
+                unsafe { _mm256_storeu_ps(out.as_mut_ptr(), _mm256_sub_ps(acc, zero_term)) };
+                out
+            }
             #[target_feature(enable = $features)]
             unsafe fn rows<const BITS: u32>(
                 m: &PackedMatrix,
@@ -211,61 +267,19 @@ macro_rules! packed_rows_with {
                 r0: usize,
                 y: &mut [f32],
             ) {
-                let blocks = m.cols / BLOCK;
-                let row_bytes = m.spec.row_bytes(m.cols);
-                let block_bytes = row_bytes / blocks;
-                let gpr = m.groups_per_row();
-                let blocks_per_group = m.spec.group / BLOCK;
-                let offset = if BITS == 8 { $offset8 } else { 0.0 };
-                let sym_zero = f32::from(m.spec.sym_zero());
-                let end = m.codes.as_ptr_range().end;
-                for (i, out) in y.iter_mut().enumerate() {
-                    let r = r0 + i;
-                    let row = m.codes[r * row_bytes..(r + 1) * row_bytes].as_ptr();
-                    prefetch(row.wrapping_add(PREFETCH_ROWS * row_bytes), row_bytes, end);
-                    let scales = &m.scales[r * gpr..(r + 1) * gpr];
-                    let zeros = if m.spec.sym {
-                        &[][..]
-                    } else {
-                        &m.zeros[r * gpr..(r + 1) * gpr]
-                    };
-                    let mut acc = _mm256_setzero_ps();
-                    let mut zero_term = 0f32;
-                    for (g, (&scale, &sum)) in scales.iter().zip(group_sums).enumerate() {
-                        let s = f16_to_f32(scale);
-                        let z = zeros.get(g).map_or(sym_zero, |&z| f32::from(z));
-                        zero_term += s * (z - offset) * sum;
-                        let b0 = g * blocks_per_group;
-                        let b1 = (b0 + blocks_per_group).min(blocks);
-                        // SAFETY: block `b` of row `r` lies within the row's bytes, and the
-                        // activation holds `cols` codes and a scale per block.
-                        let block = |b: usize| unsafe {
-                            let q = unpack::<BITS>(row.add(b * block_bytes));
-                            let x = _mm256_loadu_si256(act.codes.as_ptr().add(b * BLOCK).cast());
-                            let d = _mm256_broadcast_ss(&*act.scales.as_ptr().add(b));
-                            (_mm256_cvtepi32_ps($dot::<BITS>(q, x)), d)
-                        };
-                        // The group's blocks weighted by the activation's block scales,
-                        // broadcast straight from memory (a load, where the product `s·d`
-                        // took a multiply and a shuffle per block: 4-bit g128 −7 % in the
-                        // micro-benchmark's best of four, the others within 3 %); pairs of
-                        // blocks into two accumulators, so that consecutive blocks do not
-                        // wait on one chain of FMAs. The group's scale multiplies the sum.
-                        let (mut g0, mut g1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
-                        let mut b = b0;
-                        while b + 2 <= b1 {
-                            let ((p0, d0), (p1, d1)) = (block(b), block(b + 1));
-                            g0 = _mm256_fmadd_ps(p0, d0, g0);
-                            g1 = _mm256_fmadd_ps(p1, d1, g1);
-                            b += 2;
-                        }
-                        if b < b1 {
-                            let (p, d) = block(b);
-                            g0 = _mm256_fmadd_ps(p, d, g0);
-                        }
-                        acc = _mm256_fmadd_ps(_mm256_add_ps(g0, g1), _mm256_set1_ps(s), acc);
-                    }
-                    *out = hsum(acc) - zero_term;
+                let tiled = m.rows / ROW_TILE * ROW_TILE;
+                let end = r0 + y.len();
+                let mut r = r0;
+                while r < end.min(tiled) {
+                    let (t, lane) = (r / ROW_TILE, r % ROW_TILE);
+                    // SAFETY: forwarded; tile `t` is whole.
+                    let out = unsafe { tile::<BITS>(m, act, group_sums, t) };
+                    let n = (ROW_TILE - lane).min(end - r);
+                    y[r - r0..r - r0 + n].copy_from_slice(&out[lane..lane + n]);
+                    r += n;
+                }
+                if r < end {
+                    super::reference::packed_rows(m, act, group_sums, r, &mut y[r - r0..]);
                 }
             }
             // SAFETY: same features and the caller's guarantees.
@@ -281,11 +295,18 @@ macro_rules! packed_rows_with {
     };
 }
 
-packed_rows_with!(packed_rows_avx2, "avx2,fma,f16c", dot_maddubs, 128.0);
+packed_rows_with!(
+    packed_rows_avx2,
+    "avx2,fma,f16c",
+    acc_maddubs,
+    finish_maddubs,
+    128.0
+);
 packed_rows_with!(
     packed_rows_vnni,
     "avx2,fma,f16c,avx512vnni,avx512vl",
-    dot_vnni,
+    acc_vnni,
+    finish_vnni,
     0.0
 );
 
