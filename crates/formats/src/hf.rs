@@ -138,10 +138,7 @@ impl HfDir {
     /// Every packed layer's codes (`*.qweight`, what a decode step streams) copied into one
     /// huge-page arena on first use by `copy(name, src, dst)`, so the page-cache mapping is
     /// read once (the first caller's `copy` lays out every part).
-    pub fn packed_codes(
-        &self,
-        copy: impl Fn(&str, &[u8], &mut [u8]),
-    ) -> Result<&HugePageArena> {
+    pub fn packed_codes(&self, copy: impl Fn(&str, &[u8], &mut [u8])) -> Result<&HugePageArena> {
         if let Some(arena) = self.packed_codes.get() {
             return Ok(arena);
         }

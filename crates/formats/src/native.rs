@@ -227,13 +227,17 @@ pub fn packed_tensors(prefix: &str, p: &PackedLinear) -> Vec<(String, StoredTens
         ),
         (
             format!("{prefix}.scales"),
-            StoredTensor::owned(Dtype::F16, vec![m.rows, groups], f16_bytes(&m.scales)),
+            StoredTensor::owned(
+                Dtype::F16,
+                vec![m.rows, groups],
+                f16_bytes(&m.row_major_scales()),
+            ),
         ),
     ];
     if !m.spec.sym {
         out.push((
             format!("{prefix}.zeros"),
-            StoredTensor::owned(Dtype::U8, vec![m.rows, groups], m.zeros.clone()),
+            StoredTensor::owned(Dtype::U8, vec![m.rows, groups], m.row_major_zeros()),
         ));
     }
     if let Some(lr) = &p.low_rank {
@@ -301,7 +305,9 @@ fn f16_values(b: &[u8]) -> Vec<f16> {
 /// `PackedMatrix`. Bytes that do not match their layer's metadata are copied as they are:
 /// [`read_packed`] refuses that layer with a clear error before anything reads them.
 fn tile_qweight(meta: &CheckpointMeta, name: &str, src: &[u8], dst: &mut [u8]) {
-    let layer = name.strip_suffix(".qweight").and_then(|p| meta.layers.get(p));
+    let layer = name
+        .strip_suffix(".qweight")
+        .and_then(|p| meta.layers.get(p));
     let spec = layer.and_then(|l| GridSpec::new(l.bits, l.group, l.sym).ok());
     match (layer, spec) {
         (Some(l), Some(spec)) if src.len() == l.rows * spec.row_bytes(l.cols) => {

@@ -236,7 +236,10 @@ impl GridSpec {
     /// the last whole tile stay row-major after the tiles.
     pub fn tile_codes(&self, rows: usize, cols: usize, src: &[u8], out: &mut [u8]) {
         let rb = self.row_bytes(cols);
-        assert!(src.len() == rows * rb && out.len() == src.len(), "tile_codes sizes");
+        assert!(
+            src.len() == rows * rb && out.len() == src.len(),
+            "tile_codes sizes"
+        );
         let tiled = rows / TILE_ROWS * TILE_ROWS;
         let mut codes = vec![0u8; cols];
         let tbb = self.tile_block_bytes();
@@ -315,15 +318,44 @@ pub struct PackedMatrix {
     /// Tiled ([`GridSpec::tile_codes`]); on the heap after quantizing, in the model's
     /// huge-page arena after loading.
     pub codes: SharedBytes,
+    /// One per (row, group), tiled like the codes: per tile of [`TILE_ROWS`] rows, group
+    /// by group, the tile's 8 values side by side (one load for a kernel's 8 lanes); the
+    /// rows after the last whole tile row-major. Read them with [`Self::scale`]; files
+    /// store them row-major ([`Self::row_major_scales`]).
     pub scales: Vec<f16>,
-    /// Empty for symmetric grids.
+    /// Tiled like `scales`; empty for symmetric grids ([`Self::zero`]).
     pub zeros: Vec<u8>,
 }
 
+/// `row_major` values, one per (row, group) of `rows` rows of `gpr` groups, in the tiled
+/// order of [`PackedMatrix::scales`]; none (a symmetric grid's zeros) stay none.
+fn tile_params<T: Copy>(row_major: &[T], rows: usize, gpr: usize) -> Vec<T> {
+    let mut out = row_major.to_vec();
+    if out.is_empty() {
+        return out;
+    }
+    for r in 0..rows / TILE_ROWS * TILE_ROWS {
+        for g in 0..gpr {
+            out[param_index(r, g, rows, gpr)] = row_major[r * gpr + g];
+        }
+    }
+    out
+}
+
+/// Where (row `r`, group `g`) lies in the tiled order of [`PackedMatrix::scales`].
+#[inline]
+fn param_index(r: usize, g: usize, rows: usize, gpr: usize) -> usize {
+    if r < rows / TILE_ROWS * TILE_ROWS {
+        (r / TILE_ROWS * gpr + g) * TILE_ROWS + r % TILE_ROWS
+    } else {
+        r * gpr + g
+    }
+}
+
 impl PackedMatrix {
-    /// A matrix from row-major packed codes (as [`GridSpec::pack_row`] writes them), tiled
-    /// here; checks that the parts agree with the shape and grid (`what` names the tensor
-    /// in errors).
+    /// A matrix from row-major packed codes (as [`GridSpec::pack_row`] writes them), scales
+    /// and zero points, tiled here; checks that the parts agree with the shape and grid
+    /// (`what` names the tensor in errors).
     pub fn new(
         spec: GridSpec,
         rows: usize,
@@ -341,7 +373,7 @@ impl PackedMatrix {
     }
 
     /// A matrix whose codes are already tiled (a loader tiles them while copying them into
-    /// its arena); the same checks as [`Self::new`].
+    /// its arena), scales and zero points row-major; the same checks as [`Self::new`].
     pub fn from_tiled(
         spec: GridSpec,
         rows: usize,
@@ -373,13 +405,14 @@ impl PackedMatrix {
         if let Some(z) = zeros.iter().find(|&&z| z > spec.max_code()) {
             bail!("{what}: zero point {z} is off the {}-bit grid", spec.bits);
         }
+        let gpr = cols.div_ceil(spec.group);
         Ok(Self {
             spec,
             rows,
             cols,
             codes,
-            scales,
-            zeros,
+            scales: tile_params(&scales, rows, gpr),
+            zeros: tile_params(&zeros, rows, gpr),
         })
     }
 
@@ -389,13 +422,45 @@ impl PackedMatrix {
         self.cols.div_ceil(self.spec.group)
     }
 
+    /// Scale of group `g` of `row`.
+    #[inline]
+    pub fn scale(&self, row: usize, g: usize) -> f16 {
+        self.scales[param_index(row, g, self.rows, self.groups_per_row())]
+    }
+
     /// Zero point of group `g` of `row`.
+    #[inline]
     pub fn zero(&self, row: usize, g: usize) -> u8 {
         if self.spec.sym {
             self.spec.sym_zero()
         } else {
-            self.zeros[row * self.groups_per_row() + g]
+            self.zeros[param_index(row, g, self.rows, self.groups_per_row())]
         }
+    }
+
+    /// Where the 8 rows of tile `t` keep group `g`'s scales and zero points: 8 consecutive
+    /// entries of `scales` and `zeros` from this index.
+    #[inline]
+    pub fn tile_param_index(&self, t: usize, g: usize) -> usize {
+        (t * self.groups_per_row() + g) * TILE_ROWS
+    }
+
+    /// The scales row-major, as files store them.
+    pub fn row_major_scales(&self) -> Vec<f16> {
+        self.row_major_params(|r, g| self.scale(r, g))
+    }
+
+    /// The zero points row-major, as files store them (empty for symmetric grids).
+    pub fn row_major_zeros(&self) -> Vec<u8> {
+        if self.spec.sym {
+            return Vec::new();
+        }
+        self.row_major_params(|r, g| self.zero(r, g))
+    }
+
+    fn row_major_params<T>(&self, at: impl Fn(usize, usize) -> T) -> Vec<T> {
+        let gpr = self.groups_per_row();
+        (0..self.rows * gpr).map(|i| at(i / gpr, i % gpr)).collect()
     }
 
     /// Codes of one row.
@@ -425,13 +490,12 @@ impl PackedMatrix {
     /// over many rows.
     pub fn dequantize_row_with(&self, row: usize, codes: &mut [u8], out: &mut [f32]) {
         self.row_codes(row, codes);
-        let gpr = self.groups_per_row();
         for (g, (c, o)) in codes
             .chunks(self.spec.group)
             .zip(out[..self.cols].chunks_mut(self.spec.group))
             .enumerate()
         {
-            let s = self.scales[row * gpr + g].to_f32();
+            let s = self.scale(row, g).to_f32();
             let z = f32::from(self.zero(row, g));
             for (o, &q) in o.iter_mut().zip(c) {
                 *o = s * (f32::from(q) - z);
@@ -677,10 +741,35 @@ mod tests {
                 spec.pack_row(c, p);
             }
             let groups = rows * 2;
-            let m = PackedMatrix::new(spec, rows, cols, packed.clone(), vec![f16::ONE; groups], vec![], "t")
-                .unwrap();
+            let scales: Vec<f16> = (0..groups).map(|i| f16::from_f32(i as f32)).collect();
+            let zeros: Vec<u8> = (0..groups).map(|i| (i % 3) as u8).collect();
+            let spec = GridSpec { sym: false, ..spec };
+            let m = PackedMatrix::new(
+                spec,
+                rows,
+                cols,
+                packed.clone(),
+                scales.clone(),
+                zeros.clone(),
+                "t",
+            )
+            .unwrap();
             assert_ne!(&m.codes[..], &packed[..], "{bits}-bit: tiled differs");
             assert_eq!(m.row_major_codes(), packed, "{bits}-bit round trip");
+            assert_eq!(m.row_major_scales(), scales);
+            assert_eq!(m.row_major_zeros(), zeros);
+            // Group 1 of tile 1's rows side by side; row 17 (after the tiles) row-major.
+            let at = m.tile_param_index(1, 1);
+            assert_eq!(
+                m.scales[at..at + 8],
+                scales[8 * 2..16 * 2]
+                    .iter()
+                    .skip(1)
+                    .step_by(2)
+                    .copied()
+                    .collect::<Vec<_>>()[..]
+            );
+            assert_eq!((m.scale(17, 1), m.zero(17, 1)), (scales[35], zeros[35]));
             let mut row = vec![0u8; cols];
             for r in 0..rows {
                 m.row_codes(r, &mut row);

@@ -53,10 +53,10 @@ fn random_layer(gpu: &Gpu, rng: &mut StdRng, bits: u32, rows: usize, cols: usize
     };
     let u8s = vec![
         gpu.upload(&m.row_major_codes()).unwrap(),
-        gpu.upload(&m.zeros).unwrap(),
+        gpu.upload(&m.row_major_zeros()).unwrap(),
     ];
     let u16s = vec![
-        gpu.upload(&bits16(&m.scales)).unwrap(),
+        gpu.upload(&bits16(&m.row_major_scales())).unwrap(),
         gpu.upload(&f16s(rows * RANK, rng)).unwrap(),
         gpu.upload(&f16s(RANK * cols, rng)).unwrap(),
         gpu.upload(&f16s(rows, rng)).unwrap(),

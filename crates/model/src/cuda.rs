@@ -106,13 +106,13 @@ impl GpuLinear {
                     rows,
                     cols,
                     group: m.spec.group,
-                    // The GPU kernels read the codes row-major, as files store them.
+                    // The GPU kernels read codes, scales and zeros row-major, as files store them.
                     codes: keep.put(gpu, &m.row_major_codes())?,
-                    scales: keep.put(gpu, &f16_bits(&m.scales))?,
+                    scales: keep.put(gpu, &f16_bits(&m.row_major_scales()))?,
                     zeros: if m.spec.sym {
                         0
                     } else {
-                        keep.put(gpu, &m.zeros)?
+                        keep.put(gpu, &m.row_major_zeros())?
                     },
                     sym_zero: i32::from(m.spec.sym_zero()),
                 };

@@ -50,12 +50,11 @@ pub fn sampled_output_error(w: &[f32], w_hat: &[f32], h: &[f64], rows: usize, co
 /// to nearest without clipping, whatever was added after it.
 pub fn max_error_steps(w: &[f32], reconstructed: &[f32], packed: &PackedLinear) -> f64 {
     let m = &packed.matrix;
-    let gpr = m.groups_per_row();
     let mut worst = 0f64;
     for r in 0..m.rows {
         for j in 0..m.cols {
             let col = packed.perm.as_ref().map_or(j, |p| p[j] as usize);
-            let step = m.scales[r * gpr + j / m.spec.group].to_f32() as f64;
+            let step = m.scale(r, j / m.spec.group).to_f32() as f64;
             let k = r * m.cols + col;
             let err = (reconstructed[k] as f64 - w[k] as f64).abs();
             if err > 0.0 {

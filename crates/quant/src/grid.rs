@@ -237,9 +237,7 @@ mod tests {
             let packed = q.pack(spec, rows, cols);
             let deq = packed.dequantize();
             for (i, (&a, &b)) in w.iter().zip(&deq).enumerate() {
-                let s = packed.scales
-                    [(i / cols) * cols.div_ceil(spec.group) + (i % cols) / spec.group]
-                    .to_f32();
+                let s = packed.scale(i / cols, (i % cols) / spec.group).to_f32();
                 assert!(
                     (a - b).abs() <= s / 2.0 * (1.0 + 1e-5),
                     "{spec:?} [{i}]: {a} → {b}, step {s}"

@@ -102,11 +102,17 @@ fn packed_products_match_the_cpu_with_both_low_rank_paths() {
                 })
                 .collect();
             let mut keep = Vec::new();
-            let codes = gpu.upload(&m.codes[..]).unwrap();
+            // The GPU kernels read everything row-major, as files store it.
+            let codes = gpu.upload(&m.row_major_codes()).unwrap();
             let scales = gpu
-                .upload(&m.scales.iter().map(|s| s.to_bits()).collect::<Vec<u16>>())
+                .upload(
+                    &m.row_major_scales()
+                        .iter()
+                        .map(|s| s.to_bits())
+                        .collect::<Vec<u16>>(),
+                )
                 .unwrap();
-            let zeros = (!sym).then(|| gpu.upload(&m.zeros).unwrap());
+            let zeros = (!sym).then(|| gpu.upload(&m.row_major_zeros()).unwrap());
             let args = PackedArgs {
                 bits,
                 rows,

@@ -91,7 +91,7 @@ impl RowTile {
         for lane in 0..lanes {
             let r = r0 + lane;
             for g in 0..gpr {
-                let s = m.scales[r * gpr + g].to_f32();
+                let s = m.scale(r, g).to_f32();
                 self.scales[g * GEMM_ROWS + lane] = s;
                 self.zero_terms[g * GEMM_ROWS + lane] = s * f32::from(m.zero(r, g));
             }

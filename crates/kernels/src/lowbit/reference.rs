@@ -75,7 +75,7 @@ pub fn packed_rows(
         let mut acc = 0f32;
         let mut zero_term = 0f32;
         for (g, &sum) in group_sums.iter().enumerate().take(gpr) {
-            let s = m.scales[r * gpr + g].to_f32();
+            let s = m.scale(r, g).to_f32();
             zero_term += s * f32::from(m.zero(r, g)) * sum;
             let b0 = g * blocks_per_group;
             let b1 = (b0 + blocks_per_group).min(m.cols / BLOCK);

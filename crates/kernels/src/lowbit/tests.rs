@@ -32,7 +32,7 @@ fn magnitude(m: &PackedMatrix, act: &QuantizedActivation, r: usize) -> f32 {
     (0..m.cols)
         .map(|i| {
             let g = i / m.spec.group;
-            let s = m.scales[r * m.groups_per_row() + g].to_f32().abs();
+            let s = m.scale(r, g).to_f32().abs();
             let x = act.scales[i / BLOCK] * f32::from(act.codes[i]);
             s * (f32::from(codes[i]) + f32::from(m.zero(r, g))) * x.abs()
         })
@@ -133,7 +133,15 @@ fn simd_rows_match_the_scalar_twin_for_every_format() {
             // give the same values as the whole.
             for span in [rows - rows.min(2)..rows, rows.min(3)..rows.min(13)] {
                 let mut part = vec![f32::NAN; span.len()];
-                packed_rows(&m, &act, &sums, span.start, &mut part, Epilogue::default(), isa);
+                packed_rows(
+                    &m,
+                    &act,
+                    &sums,
+                    span.start,
+                    &mut part,
+                    Epilogue::default(),
+                    isa,
+                );
                 assert_eq!(part, got[span], "{} {bits}-bit g{group} part", isa.name());
             }
         }

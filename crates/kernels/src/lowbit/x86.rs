@@ -154,42 +154,6 @@ fn finish_vnni<const BITS: u32>(acc: __m256i) -> __m256i {
     acc
 }
 
-/// Eight f16 values `base[k·stride]` as f32 (one group's scales of a tile's rows).
-#[inline]
-#[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn gather_f16(base: *const half::f16, stride: usize) -> __m256 {
-    // SAFETY: the caller bounds the 8 reads.
-    let h = |k: usize| unsafe { (*base.add(k * stride)).to_bits() as i16 };
-    _mm256_cvtph_ps(_mm_setr_epi16(
-        h(0),
-        h(1),
-        h(2),
-        h(3),
-        h(4),
-        h(5),
-        h(6),
-        h(7),
-    ))
-}
-
-/// Eight u8 values `base[k·stride]` as f32 (one group's zero points of a tile's rows).
-#[inline]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn gather_u8(base: *const u8, stride: usize) -> __m256 {
-    // SAFETY: the caller bounds the 8 reads.
-    let z = |k: usize| unsafe { i32::from(*base.add(k * stride)) };
-    _mm256_cvtepi32_ps(_mm256_setr_epi32(
-        z(0),
-        z(1),
-        z(2),
-        z(3),
-        z(4),
-        z(5),
-        z(6),
-        z(7),
-    ))
-}
-
 /// The decode kernel, once per dot-product flavour: whole tiles of 8 rows, each lane one
 /// row, so the activation's quads, block scales and group sums are loaded once per 8 rows
 /// and no horizontal sum is needed. `$offset8` is what `$acc` subtracts from 8-bit codes,
@@ -218,7 +182,6 @@ macro_rules! packed_rows_with {
             ) -> [f32; ROW_TILE] {
                 let blocks = m.cols / BLOCK;
                 let tbb = m.spec.tile_block_bytes();
-                let gpr = m.groups_per_row();
                 let blocks_per_group = m.spec.group / BLOCK;
                 let offset = if BITS == 8 { $offset8 } else { 0.0 };
                 let sym_zero = _mm256_set1_ps(f32::from(m.spec.sym_zero()) - offset);
@@ -226,10 +189,12 @@ macro_rules! packed_rows_with {
                 // scales and zeros lie within the matrix; the activation holds `cols` codes
                 // and a scale per block, `group_sums` a sum per group.
                 let codes = unsafe { m.codes.as_ptr().add(t * blocks * tbb) };
-                let first = t * ROW_TILE * gpr;
                 let (mut acc, mut zero_term) = (_mm256_setzero_ps(), _mm256_setzero_ps());
                 for (g, &sum) in group_sums.iter().enumerate() {
-                    let (b0, b1) = (g * blocks_per_group, ((g + 1) * blocks_per_group).min(blocks));
+                    let (b0, b1) = (
+                        g * blocks_per_group,
+                        ((g + 1) * blocks_per_group).min(blocks),
+                    );
                     let mut group = _mm256_setzero_ps();
                     for b in b0..b1 {
                         let block = unsafe { codes.add(b * tbb) };
@@ -242,17 +207,26 @@ macro_rules! packed_rows_with {
                             isum = $acc::<BITS>(isum, unsafe { tile_quad::<BITS>(block, j) }, xq);
                         }
                         let d = unsafe { _mm256_broadcast_ss(&*act.scales.as_ptr().add(b)) };
-                        group = _mm256_fmadd_ps(_mm256_cvtepi32_ps($finish::<BITS>(isum)), d, group);
+                        group =
+                            _mm256_fmadd_ps(_mm256_cvtepi32_ps($finish::<BITS>(isum)), d, group);
                     }
-                    let s = unsafe { gather_f16(m.scales.as_ptr().add(first + g), gpr) };
+                    // The tile's 8 scales and zero points of the group lie side by side.
+                    let at = m.tile_param_index(t, g);
+                    let s = unsafe {
+                        _mm256_cvtph_ps(_mm_loadu_si128(m.scales.as_ptr().add(at).cast()))
+                    };
                     let z = if m.spec.sym {
                         sym_zero
                     } else {
-                        let z = unsafe { gather_u8(m.zeros.as_ptr().add(first + g), gpr) };
-                        _mm256_sub_ps(z, _mm256_set1_ps(offset))
+                        let z = unsafe { _mm_loadl_epi64(m.zeros.as_ptr().add(at).cast()) };
+                        _mm256_sub_ps(
+                            _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(z)),
+                            _mm256_set1_ps(offset),
+                        )
                     };
                     acc = _mm256_fmadd_ps(group, s, acc);
-                    zero_term = _mm256_fmadd_ps(_mm256_mul_ps(s, z), _mm256_set1_ps(sum), zero_term);
+                    zero_term =
+                        _mm256_fmadd_ps(_mm256_mul_ps(s, z), _mm256_set1_ps(sum), zero_term);
                 }
                 let mut out = [0f32; ROW_TILE];
                 // SAFETY: 8 floats.
