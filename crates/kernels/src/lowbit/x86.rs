@@ -6,8 +6,8 @@
 //! activation's 4 bytes broadcast to every lane in one integer dot product that leaves each
 //! row's sum in its own lane. A block's 8 quads are summed in integers, converted once and
 //! accumulated in f32 with the activation block's scale; the group's scales (8 rows') then
-//! multiply each group's sum. Prefill's integer GEMM (`tile_blocks`, see `super::prefill`) and the activation
-//! rounding (`quantize_block`) are AVX2 only.
+//! multiply each group's sum. Prefill's integer GEMM (`tile_blocks`, see `super::prefill`)
+//! and the activation rounding (`quantize_block`) are AVX2 only.
 
 use super::prefill::{GEMM_ROWS, RowTile};
 use super::{FactorRef, QuantizedActivation, TILE_ROWS, TiledFactor, Tiles};
@@ -97,16 +97,13 @@ unsafe fn tile_quad<const BITS: u32>(block: *const u8, j: usize) -> __m256i {
     let shr = |v: __m256i, n: usize| _mm256_srl_epi16(v, _mm_cvtsi64_si128(n as i64));
     match BITS {
         2 => _mm256_and_si256(shr(plane(j / 4), 2 * (j % 4)), _mm256_set1_epi8(3)),
+        3 if j < 6 => _mm256_and_si256(shr(plane(j / 2), 3 * (j % 2)), _mm256_set1_epi8(7)),
         3 => {
-            let low = _mm256_and_si256(shr(plane(j / 4), 2 * (j % 4)), _mm256_set1_epi8(3));
-            // The high bit of quad `j` is bit `j` of plane 2; moved to bit 2.
-            let h = plane(2);
-            let h = if j < 2 {
-                _mm256_sll_epi16(h, _mm_cvtsi64_si128((2 - j) as i64))
-            } else {
-                shr(h, j - 2)
-            };
-            _mm256_or_si256(low, _mm256_and_si256(h, _mm256_set1_epi8(4)))
+            // Quads 6 and 7: the low bits are bits 6–7 of plane j − 6, the high bit is bit
+            // j of plane 2, moved to bit 2.
+            let low = _mm256_and_si256(shr(plane(j - 6), 6), _mm256_set1_epi8(3));
+            let high = _mm256_and_si256(shr(plane(2), j - 2), _mm256_set1_epi8(4));
+            _mm256_or_si256(low, high)
         }
         4 => _mm256_and_si256(shr(plane(j / 2), 4 * (j % 2)), _mm256_set1_epi8(15)),
         _ => plane(j),
@@ -115,8 +112,8 @@ unsafe fn tile_quad<const BITS: u32>(block: *const u8, j: usize) -> __m256i {
 
 /// `vpmaddubsw` accumulation of one quad into `acc`: codes of up to 4 bits keep 16-bit
 /// pair sums for a whole block (8 quads of pairs of at most 15·127 each fit in an i16);
-/// 8-bit codes are shifted to signed (`OFFSET8`), multiplied by magnitude and moved sign,
-/// and widened to i32 every quad.
+/// 8-bit codes are shifted to signed (−128, folded into the zero point by the kernel),
+/// multiplied by magnitude and moved sign, and widened to i32 every quad.
 #[inline]
 #[target_feature(enable = "avx2,fma")]
 fn acc_maddubs<const BITS: u32>(acc: __m256i, q: __m256i, x: __m256i) -> __m256i {
