@@ -1,9 +1,10 @@
 //! recoup's packed low-bit weights: integer codes on a uniform grid, a scale (and a zero
 //! point when asymmetric) per group of input channels, per output row.
 //!
-//! Codes are packed in blocks of 32 consecutive input channels, each bit width laid out so a
-//! SIMD kernel recovers 8, 16 or 32 consecutive codes with one shift and mask, and no value
-//! straddles a byte (3-bit is a 2-bit plane plus a 1-bit plane, as ggml's Q3_K does).
+//! In files, codes are packed row by row in blocks of 32 consecutive input channels, each
+//! bit width laid out so that 8, 16 or 32 consecutive codes come back with one shift and
+//! mask, and no value straddles a byte (3-bit is a 2-bit plane plus a 1-bit plane, as
+//! ggml's Q3_K does).
 //! A dequantized weight is `scale · (code − zero)`; symmetric grids use `zero = 2^(bits−1)`.
 //!
 //! Files store the codes row by row ([`GridSpec::pack_row`]). In memory, a matrix keeps them
@@ -328,8 +329,8 @@ pub fn tile_code<const BITS: u32>(block: &[u8], lane: usize, i: usize) -> u8 {
     }
 }
 
-/// A quantized `[rows, cols]` weight: packed codes, f16 scales and u8 zero points, the
-/// latter two row-major with one entry per (row, group).
+/// A quantized `[rows, cols]` weight: packed codes, and an f16 scale and a u8 zero point
+/// per (row, group), all three in memory in the tiled layout (module docs).
 #[derive(Clone, Debug, PartialEq)]
 pub struct PackedMatrix {
     pub spec: GridSpec,
@@ -752,7 +753,7 @@ mod tests {
     #[test]
     fn tiles_round_trip_and_put_four_columns_of_eight_rows_in_a_plane() {
         for bits in [2, 3, 4, 8] {
-            let spec = GridSpec::new(bits, 32, true).unwrap();
+            let spec = GridSpec::new(bits, 32, false).unwrap();
             // 19 rows: two whole tiles and 3 rows left row-major.
             let (rows, cols) = (19, 64);
             let c = codes(u64::from(bits) + 7, rows * cols, bits);
@@ -763,7 +764,6 @@ mod tests {
             let groups = rows * 2;
             let scales: Vec<f16> = (0..groups).map(|i| f16::from_f32(i as f32)).collect();
             let zeros: Vec<u8> = (0..groups).map(|i| (i % 3) as u8).collect();
-            let spec = GridSpec { sym: false, ..spec };
             let m = PackedMatrix::new(
                 spec,
                 rows,

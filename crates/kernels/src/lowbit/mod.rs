@@ -3,7 +3,8 @@
 //! Batch-1 decode is bound by the bytes of weights read, so the matrix-vector product reads
 //! the packed codes directly and never materializes f32 weights. As in llama.cpp, the
 //! activation is quantized once per product to 8-bit blocks of 32 (one f32 scale each), and
-//! every block of 32 codes meets its activation block in one integer dot product; with
+//! every block of 32 codes meets its activation block in integer dot products, 8 rows at
+//! once (the tiled layout of `recoup_formats::packed`, one row per SIMD lane); with
 //! `s` the group's scale, `z` its zero point and `d_b` the activation block's scale,
 //!
 //! ```text
