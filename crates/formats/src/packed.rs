@@ -19,6 +19,19 @@ use crate::hugepages::SharedBytes;
 use anyhow::{Result, bail};
 use half::f16;
 
+/// `f::<BITS>(args)` for a grid's bit width: the tiled layout's helpers are generic over it
+/// so that their per-code loops carry no branch.
+macro_rules! by_bits {
+    ($bits:expr, $f:ident($($arg:expr),*)) => {
+        match $bits {
+            2 => $f::<2>($($arg),*),
+            3 => $f::<3>($($arg),*),
+            4 => $f::<4>($($arg),*),
+            _ => $f::<8>($($arg),*),
+        }
+    };
+}
+
 /// Input channels per packed block; every group size is a multiple of it.
 pub const BLOCK: usize = 32;
 
@@ -190,16 +203,6 @@ impl GridSpec {
         TILE_ROWS * self.block_bytes()
     }
 
-    /// Code `(lane, i)` of a tile block ([`tile_code`]).
-    pub fn tile_code(&self, block: &[u8], lane: usize, i: usize) -> u8 {
-        match self.bits {
-            2 => tile_code::<2>(block, lane, i),
-            3 => tile_code::<3>(block, lane, i),
-            4 => tile_code::<4>(block, lane, i),
-            _ => tile_code::<8>(block, lane, i),
-        }
-    }
-
     /// Quad `j` of a tile block as 32 bytes, `out[lane·4 + c]` = code `(lane, 4j + c)`: the
     /// register the decode kernels build, for kernels that keep codes unpacked.
     pub fn unpack_tile_quad(&self, block: &[u8], j: usize, out: &mut [u8]) {
@@ -208,12 +211,7 @@ impl GridSpec {
                 *o = tile_code::<BITS>(block, at / 4, 4 * j + at % 4);
             }
         }
-        match self.bits {
-            2 => quad::<2>(block, j, out),
-            3 => quad::<3>(block, j, out),
-            4 => quad::<4>(block, j, out),
-            _ => quad::<8>(block, j, out),
-        }
+        by_bits!(self.bits, quad(block, j, out))
     }
 
     /// Rows `[rows, cols]` of row-major packed codes (`src`, as files store them) into the
@@ -241,12 +239,7 @@ impl GridSpec {
                     }
                     for (b, block) in tile.chunks_exact_mut(tbb).enumerate() {
                         let codes = &codes[b * BLOCK..];
-                        match self.bits {
-                            2 => tile_block::<2>(codes, cols, block),
-                            3 => tile_block::<3>(codes, cols, block),
-                            4 => tile_block::<4>(codes, cols, block),
-                            _ => tile_block::<8>(codes, cols, block),
-                        }
+                        by_bits!(self.bits, tile_block(codes, cols, block));
                     }
                 },
             );
@@ -271,12 +264,7 @@ impl GridSpec {
             }
         }
         let tbb = self.tile_block_bytes();
-        match self.bits {
-            2 => each::<2>(tile, tbb, lane, codes),
-            3 => each::<3>(tile, tbb, lane, codes),
-            4 => each::<4>(tile, tbb, lane, codes),
-            _ => each::<8>(tile, tbb, lane, codes),
-        }
+        by_bits!(self.bits, each(tile, tbb, lane, codes))
     }
 }
 
@@ -798,7 +786,9 @@ mod tests {
             // Tile 1, block 1, row 5, column 4·3 + 2 = 14: plane byte 5·4 + 2.
             let block = &m.codes[(8 * spec.row_bytes(cols)) + spec.tile_block_bytes()..];
             let want = c[13 * cols + 32 + 14];
-            assert_eq!(spec.tile_code(block, 5, 14), want, "{bits}-bit tile code");
+            let mut quad = [0u8; 32];
+            spec.unpack_tile_quad(block, 3, &mut quad);
+            assert_eq!(quad[5 * 4 + 2], want, "{bits}-bit tile quad");
             if bits == 8 {
                 assert_eq!(block[3 * 32 + 5 * 4 + 2], want);
             }
