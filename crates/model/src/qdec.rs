@@ -258,9 +258,17 @@ impl Compensation {
         self.residual.cols
     }
 
-    /// Whether a forward of `n` tokens is corrected: decode steps always, prefill on request.
+    /// Whether a forward of `n` tokens is corrected: decode steps always, prefill on request
+    /// (and neither where the layer selects no channel).
     pub fn applies(&self, n: usize) -> bool {
-        self.k_chunk > 0 && (n == 1 || self.in_prefill) && self.enabled.load(Ordering::Relaxed)
+        self.selects_any() && (n == 1 || self.in_prefill) && self.enabled.load(Ordering::Relaxed)
+    }
+
+    /// Whether `k_chunk` selects any channel of this layer's input (a partial chunk gets its
+    /// share rounded down: `k_chunk` 1 selects nothing from 896 channels). A layer that
+    /// selects none is not corrected at all, rather than run a pass that adds zeros.
+    fn selects_any(&self) -> bool {
+        total_budget(self.k_chunk, self.residual.cols) > 0
     }
 
     /// The channels to correct for a decode step's activation `x` (original column order)
@@ -313,7 +321,7 @@ impl Compensation {
 
     /// Bytes of residual one corrected token reads: the selected runs and the scales.
     pub fn bytes_per_token(&self) -> usize {
-        if self.k_chunk == 0 {
+        if !self.selects_any() {
             return 0;
         }
         let rows = self.residual.rows;

@@ -33,7 +33,7 @@ mod x86;
 pub use prefill::packed_matmul;
 
 use crate::SharedMut;
-use crate::qdec::{ResidualEpilogue, ResidualRef, SelectedCodes, add_residual};
+use crate::qdec::{ResidualEpilogue, ResidualRef, SelectedCodes, add_residual, residual_into};
 use half::f16;
 use recoup_formats::packed::{BLOCK, Factor, PackedMatrix};
 use std::sync::OnceLock;
@@ -545,8 +545,10 @@ impl<'a> RowPhase<'a> {
             static SCRATCH: std::cell::Cell<Vec<f32>> = const { std::cell::Cell::new(Vec::new()) };
         }
         let mut scratch = SCRATCH.take();
-        scratch.clear();
-        scratch.resize(if correction.is_some() { y.len() } else { 0 }, 0.0);
+        if correction.is_some() && scratch.len() < y.len() {
+            // Grown only: the correction is written over it, not added, so it is never zeroed.
+            scratch.resize(y.len(), 0.0);
+        }
         let pool = crate::pool::global();
         let phase = RowPhase {
             y: SharedMut(y.as_mut_ptr()),
@@ -570,7 +572,7 @@ impl<'a> RowPhase<'a> {
             let made = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
                 // SAFETY: only this part writes the scratch, and before publishing it.
                 let out = unsafe { std::slice::from_raw_parts_mut(self.scratch.get(), rows) };
-                c.with(&mut |e| add_residual(e, 0, out, self.isa));
+                c.with(&mut |e| residual_into(e, 0, out, self.isa));
             }));
             if let Err(panic) = made {
                 // The others then add nothing; the panic reaches the caller through `run`.

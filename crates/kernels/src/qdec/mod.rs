@@ -62,28 +62,38 @@ pub fn select_exact(x: &[f32], k_chunk: usize, out: &mut Vec<u32>) {
         }
         if k < chunk.len().div_ceil(GROUP_MEMBERS) {
             top_k_by_group_maxima(chunk, k, base, out);
-            continue;
+        } else {
+            top_k_by_quickselect(chunk, k, base, out);
         }
-        let mut order: Vec<u32> = (0..chunk.len() as u32).map(|i| i + base).collect();
-        if k < chunk.len() {
-            // Larger |x| first; NaN-free inputs (activations of a finite model).
-            order.select_nth_unstable_by(k - 1, |&a, &b| {
-                x[b as usize].abs().total_cmp(&x[a as usize].abs())
-            });
-        }
-        out.extend_from_slice(&order[..k]);
     }
+}
+
+/// The `k` largest `|v|` of `chunk` (offset `base`) by quickselect over all of it.
+fn top_k_by_quickselect(chunk: &[f32], k: usize, base: u32, out: &mut Vec<u32>) {
+    let mut order: Vec<u32> = (0..chunk.len() as u32).collect();
+    if k < chunk.len() {
+        // Larger |x| first; NaN-free inputs (activations of a finite model).
+        order.select_nth_unstable_by(k - 1, |&a, &b| {
+            chunk[b as usize].abs().total_cmp(&chunk[a as usize].abs())
+        });
+    }
+    out.extend(order[..k].iter().map(|&i| i + base));
 }
 
 /// Strided groups of a full chunk.
 const MAX_GROUPS: usize = CHUNK.div_ceil(GROUP_MEMBERS);
+/// Candidates [`top_k_by_group_maxima`] gathers at most (the members of 32 groups).
+const MAX_CANDIDATES: usize = 32 * GROUP_MEMBERS;
 
 /// The `k` largest `|v|` of `chunk` (offset `base`), for `k` below its number of strided
-/// groups. The top `k` channels lie in the `k` groups of largest maximum: if `T` is the
-/// smallest of those maxima, each of the `k` groups holds a channel of at least `T`, and
-/// every channel outside them is at most `T`. So one vectorized pass of maxima, a top-k
-/// over the group maxima and one over the `8k` channels of the chosen groups replace
-/// comparisons and insertions over the whole chunk.
+/// groups, with few data-dependent branches (a fresh activation every call defeats the
+/// branch predictor, which made a sorted insertion over all the group maxima the costly
+/// part). One vectorized pass takes the maxima of the strided groups; cut into `k` bins,
+/// the maxima give `t`, the smallest bin maximum: `k` distinct channels reach it, so the
+/// `k`-th largest `|v|` is at least `t`, and every channel of the top `k` is among those
+/// `≥ t`. Those candidates (members of the groups whose maximum reaches `t`, gathered
+/// without branching per member) are few unless the top values crowd into one bin, and a
+/// top-k over them finishes the selection.
 fn top_k_by_group_maxima(chunk: &[f32], k: usize, base: u32, out: &mut Vec<u32>) {
     let stride = chunk.len().div_ceil(GROUP_MEMBERS);
     let mut maxima = [0f32; MAX_GROUPS];
@@ -95,19 +105,29 @@ fn top_k_by_group_maxima(chunk: &[f32], k: usize, base: u32, out: &mut Vec<u32>)
             *m = if a > *m { a } else { *m };
         }
     }
+    // Exactly `k` non-empty bins (the remainder joins the last).
+    let size = stride / k;
+    let bin_max = |b: usize| {
+        let end = if b + 1 == k { stride } else { (b + 1) * size };
+        maxima[b * size..end].iter().fold(0f32, |m, &v| m.max(v))
+    };
+    let t = (0..k).map(bin_max).fold(f32::INFINITY, f32::min);
+    let groups = maxima.iter().filter(|&&m| m >= t).count();
+    if groups * GROUP_MEMBERS > MAX_CANDIDATES {
+        // The top values crowd into few bins (or are all alike): select over the chunk.
+        return top_k_by_quickselect(chunk, k, base, out);
+    }
+    let mut candidates = [(0f32, 0u32); MAX_CANDIDATES];
+    let mut n = 0;
+    for (j, _) in maxima.iter().enumerate().filter(|&(_, &m)| m >= t) {
+        for i in (j..chunk.len()).step_by(stride) {
+            let v = chunk[i].abs();
+            candidates[n] = (v, base + i as u32);
+            n += usize::from(v >= t);
+        }
+    }
     let mut best = [(0f32, 0u32); MAX_GROUPS];
-    let groups = top_k(
-        maxima.iter().zip(0u32..).map(|(&m, j)| (m, j)),
-        k,
-        &mut best,
-    );
-    let candidates = groups.iter().flat_map(|&(_, j)| {
-        (j as usize..chunk.len())
-            .step_by(stride)
-            .map(|i| (chunk[i].abs(), base + i as u32))
-    });
-    let mut best = [(0f32, 0u32); MAX_GROUPS];
-    let chosen = top_k(candidates, k, &mut best);
+    let chosen = top_k(candidates[..n].iter().copied(), k, &mut best);
     out.extend(chosen.iter().map(|&(_, i)| i));
 }
 
@@ -394,6 +414,16 @@ pub(crate) const SLICE: usize = 1024;
 /// `y[j] += scale_o · Σ_{i∈S} x_i · level(i, o)` for outputs `o = r0 + j`. `r0` is even (a
 /// byte holds two outputs), and the slice ends on an even output or at the last row.
 pub fn add_residual(e: ResidualEpilogue, r0: usize, y: &mut [f32], isa: Isa) {
+    residual_pass::<true>(e, r0, y, isa);
+}
+
+/// [`add_residual`] written over `out` rather than added to it (whatever `out` held): a
+/// correction computed ahead of the outputs it corrects needs no zeroed buffer.
+pub fn residual_into(e: ResidualEpilogue, r0: usize, out: &mut [f32], isa: Isa) {
+    residual_pass::<false>(e, r0, out, isa);
+}
+
+fn residual_pass<const ACCUMULATE: bool>(e: ResidualEpilogue, r0: usize, y: &mut [f32], isa: Isa) {
     let rows = e.residual.rows();
     assert!(
         r0.is_multiple_of(2) && r0 + y.len() <= rows && rows.is_multiple_of(2),
@@ -410,12 +440,12 @@ pub fn add_residual(e: ResidualEpilogue, r0: usize, y: &mut [f32], isa: Isa) {
         "selected channel out of range"
     );
     match isa {
-        Isa::Scalar => reference::add_residual(e, r0, y),
+        Isa::Scalar => reference::residual_pass::<ACCUMULATE>(e, r0, y),
         #[cfg(target_arch = "x86_64")]
         // SAFETY: listed by `Isa::available` only where the CPU has AVX2, FMA and F16C; the
         // asserts bound every run and output.
-        Isa::Avx2 | Isa::Avx2Vnni => unsafe { x86::add_residual(e, r0, y) },
+        Isa::Avx2 | Isa::Avx2Vnni => unsafe { x86::residual_pass::<ACCUMULATE>(e, r0, y) },
         #[cfg(not(target_arch = "x86_64"))]
-        _ => reference::add_residual(e, r0, y),
+        _ => reference::residual_pass::<ACCUMULATE>(e, r0, y),
     }
 }

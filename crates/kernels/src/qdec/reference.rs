@@ -3,9 +3,10 @@
 use super::{GROUP, ResidualEpilogue, SLICE};
 
 /// `y[j] += scale_o · (Σ_g d_g · Σ_{i∈g} q_i · nibble(i, o) − offset)` for outputs
-/// `o = r0 + j`, the selected activations rounded as [`super::SelectedCodes`] does: integer sums
-/// per group of channels, a slice of outputs at a time.
-pub fn add_residual(e: ResidualEpilogue, r0: usize, y: &mut [f32]) {
+/// `o = r0 + j` (`=` rather than `+=` unless `ACCUMULATE`), the selected activations rounded
+/// as [`super::SelectedCodes`] does: integer sums per group of channels, a slice of outputs
+/// at a time.
+pub fn residual_pass<const ACCUMULATE: bool>(e: ResidualEpilogue, r0: usize, y: &mut [f32]) {
     let q = e.selected;
     let mut acc = [0f32; SLICE];
     let mut sums = [0i32; SLICE];
@@ -33,7 +34,8 @@ pub fn add_residual(e: ResidualEpilogue, r0: usize, y: &mut [f32]) {
         }
         let scales = &e.residual.scales[r0 + s0..r0 + s0 + len];
         for ((out, &a), s) in y[s0..s0 + len].iter_mut().zip(acc.iter()).zip(scales) {
-            *out += s.to_f32() * (a - q.offset);
+            let c = s.to_f32() * (a - q.offset);
+            *out = if ACCUMULATE { *out + c } else { c };
         }
     }
 }

@@ -29,8 +29,18 @@ fn budgets_split_partial_chunks_proportionally() {
 #[test]
 fn exact_selection_is_the_top_k_of_every_chunk_by_sorting() {
     let mut rng = StdRng::seed_from_u64(1);
-    for (n, k_chunk) in [(4864, 8), (896, 16), (576, 64), (2048, 1), (1024, 1024)] {
-        let x = activation(&mut rng, n);
+    let cases = [(4864, 8), (896, 16), (576, 64), (2048, 1), (1024, 1024)];
+    for (case, (n, k_chunk)) in cases.into_iter().chain([(1024, 8), (3000, 12)]).enumerate() {
+        let mut x = activation(&mut rng, n);
+        if case >= cases.len() {
+            // The largest values crowd into the first strided groups (one bin of the group
+            // maxima), with one of them negative, and one more far out.
+            for (i, v) in x.iter_mut().take(40).enumerate() {
+                *v = 50.0 + i as f32;
+            }
+            x[3] = -x[3];
+            x[n - 1] = 500.0;
+        }
         let mut got = Vec::new();
         select_exact(&x, k_chunk, &mut got);
         let mut expected = Vec::new();
@@ -41,7 +51,7 @@ fn exact_selection_is_the_top_k_of_every_chunk_by_sorting() {
         }
         got.sort_unstable();
         expected.sort_unstable();
-        assert_eq!(got, expected, "n {n} k_chunk {k_chunk}");
+        assert_eq!(got, expected, "case {case}: n {n} k_chunk {k_chunk}");
     }
 }
 
@@ -220,7 +230,7 @@ fn simd_residual_matches_scalar_and_the_dense_product() {
         for isa in Isa::available() {
             // Whole, and in slices starting on even outputs; the same integer sums, so equal
             // to the scalar twin up to the order of a few float operations.
-            for split in [rows, rows / 2 / 16 * 16, 2] {
+            for split in [rows, rows / 2 / 16 * 16, 96, 2] {
                 let mut y = base.clone();
                 let (a, b) = y.split_at_mut(split.min(rows));
                 add_residual(e, 0, a, isa);
@@ -232,6 +242,17 @@ fn simd_residual_matches_scalar_and_the_dense_product() {
                         isa.name()
                     );
                 }
+            }
+            // Written over whatever the buffer held: the correction alone.
+            let mut only = vec![f32::NAN; rows];
+            residual_into(e, 0, &mut only, isa);
+            for (o, ((c, s), b)) in only.iter().zip(&scalar).zip(&base).enumerate() {
+                assert!(
+                    (c - (s - b)).abs() <= 1e-5 * (1.0 + s.abs()),
+                    "{} rows {rows} correction alone, row {o}: {c} vs {}",
+                    isa.name(),
+                    s - b
+                );
             }
         }
     }
