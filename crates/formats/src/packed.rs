@@ -451,7 +451,7 @@ impl PackedMatrix {
     /// entries of `scales` and `zeros` from this index.
     #[inline]
     pub fn tile_param_index(&self, t: usize, g: usize) -> usize {
-        (t * self.groups_per_row() + g) * TILE_ROWS
+        param_index(t * TILE_ROWS, g, self.rows, self.groups_per_row())
     }
 
     /// The scales row-major, as files store them.

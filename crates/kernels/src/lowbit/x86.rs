@@ -86,7 +86,7 @@ pub unsafe fn quantize_block(x: &[f32], codes: &mut [i8]) -> (f32, i32) {
 }
 
 /// The codes of quad `j` (columns `4j..4j + 4`) of a tile block's 8 rows, one row per
-/// 32-bit lane (`GridSpec::tile_code` gives the layout): a shift and a mask of one plane.
+/// 32-bit lane (`recoup_formats::packed::tile_code` gives the layout): a shift and a mask of one plane.
 #[inline]
 #[target_feature(enable = "avx2,fma")]
 unsafe fn tile_quad<const BITS: u32>(block: *const u8, j: usize) -> __m256i {
